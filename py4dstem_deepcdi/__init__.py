@@ -1,0 +1,37 @@
+"""py4dstem-deepcdi: deep-learning coherent diffractive imaging for 4D-STEM, a py4DSTEM plugin.
+
+Importing the package registers ``DataCube.reconstruct_deepcdi`` on py4DSTEM's DataCube.
+"""
+
+__version__ = "0.1.0"
+
+from .models import DeepCDIModel, list_pretrained, load_model, load_pretrained
+from .network import ResUNet
+from .probe import POLAR_NAMES, ProbeGeometry
+from . import reconstruction
+from .reconstruction import DeepCDIReconstruction, read_reconstruction, reconstruct_deepcdi
+from .simulation import ForwardModel, SimulatedDataset, StreamConfig, TrainingStream, simulate_dataset
+from .training import TrainConfig, Trainer
+
+reconstruction._register()
+
+__all__ = [
+    "DeepCDIReconstruction",
+    "read_reconstruction",
+    "reconstruct_deepcdi",
+    "POLAR_NAMES",
+    "DeepCDIModel",
+    "ForwardModel",
+    "ProbeGeometry",
+    "ResUNet",
+    "SimulatedDataset",
+    "StreamConfig",
+    "TrainConfig",
+    "Trainer",
+    "TrainingStream",
+    "__version__",
+    "list_pretrained",
+    "load_model",
+    "load_pretrained",
+    "simulate_dataset",
+]

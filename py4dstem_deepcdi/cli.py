@@ -1,0 +1,280 @@
+"""The ``deepcdi`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .probe import POLAR_NAMES
+
+
+def _add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("geometry (defaults: the shipped hBN model, 300 keV, 17.1 mrad, 32×32)")
+    g.add_argument("--energy", type=float, default=300e3, help="beam energy (eV)")
+    g.add_argument("--semiangle", type=float, default=17.1, help="convergence semi-angle (mrad)")
+    g.add_argument("--detector", type=int, nargs=2, default=(32, 32), metavar=("QX", "QY"), help="pattern shape (pixels)")
+    g.add_argument("--angular-sampling", type=float, default=2.0, help="detector pixel size (mrad)")
+    g.add_argument("--rolloff", type=float, default=2.0, help="aperture edge taper (mrad), 0 = sharp")
+    g.add_argument("--mask-threshold", type=float, default=0.1, help="illuminated mask: |P|² > t·max|P|²")
+    g.add_argument("--vacuum-probe", type=Path, default=None, help="measured vacuum pattern (.npy) used as aperture")
+    for name in POLAR_NAMES:
+        unit = "rad" if name.startswith("phi") else "Å"
+        g.add_argument(f"--{name}", type=float, default=-100.0 if name == "C10" else 0.0, help=f"{name} ({unit})")
+
+
+def geometry_from_args(args: argparse.Namespace):
+    """Build the ProbeGeometry described by the geometry arguments."""
+    import numpy as np  # noqa: PLC0415
+
+    from .probe import ProbeGeometry  # noqa: PLC0415
+
+    vacuum = np.load(args.vacuum_probe) if args.vacuum_probe else None
+    return ProbeGeometry(
+        energy=args.energy,
+        semiangle_cutoff=args.semiangle,
+        detector_shape=tuple(args.detector),
+        angular_sampling=args.angular_sampling,
+        aberrations={name: getattr(args, name) for name in POLAR_NAMES},
+        rolloff=args.rolloff,
+        vacuum_probe_intensity=vacuum,
+        mask_threshold=args.mask_threshold,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    from .simulation import StreamConfig  # noqa: PLC0415
+    from .training import TrainConfig, Trainer, plot_history  # noqa: PLC0415
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    geometry = geometry_from_args(args)
+    stream = StreamConfig(
+        electrons_range=tuple(args.electrons),
+        phase_max_range=tuple(args.phase_max),
+        batch_size=args.batch_size,
+        mix={"photos": args.mix[0], "lattice": args.mix[1], "noise": args.mix[2]},
+        image_folder=str(args.images) if args.images else None,
+    )
+    config = TrainConfig(
+        steps=args.steps,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        lr_final=args.lr_final,
+        width=args.width,
+        depth=args.depth,
+        bf16=not args.fp32,
+        val_size=args.val_size,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        stream=stream,
+    )
+    checkpoint = args.checkpoint or args.output.with_suffix(".ckpt")
+    trainer = Trainer(geometry, config, checkpoint=checkpoint, device=args.device)
+    if trainer.step:
+        print(f"resuming from {checkpoint} at step {trainer.step}", file=sys.stderr)
+    history = trainer.train(progress=not args.quiet)
+    model = trainer.export(name=args.name, description=args.description)
+    model.save(args.output, half_precision=args.half, overwrite=True)
+    plot_history(history, args.output.with_suffix(".history.png"))
+    with open(args.output.with_suffix(".history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    last = history[-1]
+    print(
+        f"step {trainer.step}/{config.steps}: {last['samples']} samples in {last['minutes']:.1f} min, "
+        f"validation masked L1 {last['val_l1']:.4f} rad (predicting zero: {last['val_l1_zero']:.4f}), "
+        f"correlation {last['val_corr']:.3f}; model written to {args.output}"
+    )
+    return 0
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", 0):
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
+
+
+def _read_datacube(path: Path):
+    """The DataCube stored in an EMD file (the root or the first DataCube in its tree), with its ground truth if any."""
+    import py4DSTEM  # noqa: PLC0415
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        root = py4DSTEM.read(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable EMD/py4DSTEM file: {exc}") from exc
+    if not isinstance(root, py4DSTEM.DataCube):
+        raise ValueError(f"{path} holds a {type(root).__name__}, not a DataCube")
+    truth = root.tree("ground_truth_phase") if "ground_truth_phase" in root.treekeys else None
+    return root, truth
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import py4DSTEM  # noqa: PLC0415
+
+    from .io import atomic_path  # noqa: PLC0415
+    from .simulation import simulate_dataset  # noqa: PLC0415
+
+    _threads(args)
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    geometry = geometry_from_args(args)
+    ds = simulate_dataset(
+        geometry, scan_shape=tuple(args.scan), scan_step=args.step, dose=args.dose, rotation_deg=args.rotation,
+        seed=args.seed,
+    )
+    truth = py4DSTEM.RealSlice(data=ds.phase, name="ground_truth_phase")
+    ds.datacube.add_to_tree(truth)
+    with atomic_path(args.output) as tmp:
+        py4DSTEM.save(str(tmp), ds.datacube, mode="w")
+    print(
+        f"simulated {args.scan[0]}×{args.scan[1]} patterns ({ds.electrons_per_pattern:.3g} e⁻/pattern, step {args.step} Å, "
+        f"rotation {args.rotation}°) over a lattice with ground truth; written to {args.output}"
+    )
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .reconstruction import DeepCDIReconstruction  # noqa: PLC0415
+
+    _threads(args)
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    datacube, _ = _read_datacube(args.input)
+    aberrations = {name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}
+    recon = DeepCDIReconstruction(
+        datacube, energy=args.energy, semiangle_cutoff=args.semiangle, model=args.model, device=args.device,
+        scan_step=args.step, angular_sampling=args.angular_sampling, rotation_deg=args.rotation,
+        transpose=args.transpose, subsample=args.subsample, verbose=not args.quiet, **aberrations,
+    )
+    recon.preprocess().reconstruct(precision=args.precision, stitching=args.stitching, tilt=args.tilt)
+    recon.save(args.output, overwrite=args.overwrite)
+    if args.png:
+        recon.visualize(path=args.png)
+    print(f"phase image {recon.object_phase.shape} ({recon.sampling[0]:.4g} Å/pixel) written to {args.output}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .models import list_pretrained, load_model  # noqa: PLC0415
+
+    if args.path is None:
+        models = list_pretrained()
+        if not models:
+            print("no shipped models")
+        for name, info in models.items():
+            g, t = info["geometry"], info["training"]
+            print(
+                f"{name}: {g['energy_eV'] / 1e3:g} keV, {g['semiangle_cutoff_mrad']:g} mrad, {tuple(g['detector_shape'])} "
+                f"pixels of {g['angular_sampling_mrad']:g} mrad, C10 {g['aberrations']['C10']:g} Å; "
+                f"{t.get('samples', '?')} training samples, validation L1 {t.get('val_l1', float('nan')):.4f} rad"
+            )
+        return 0
+    if args.path.suffix == ".pt":
+        model = load_model(args.path)
+        print(json.dumps(model.metadata, indent=1))
+        return 0
+    from .io import read_result  # noqa: PLC0415
+
+    phase, metadata, arrays = read_result(args.path)
+    print(f"phase image {phase.shape}; arrays: {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
+    print(json.dumps(metadata, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepcdi",
+        description="Deep-learning coherent diffractive imaging for 4D-STEM (a py4DSTEM plugin).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a network for one probe geometry on simulated data (resumable)")
+    _add_geometry_arguments(p)
+    p.add_argument("--output", type=Path, required=True, help="model file to write (.pt)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default OUTPUT.ckpt); resumes if present")
+    p.add_argument("--steps", type=int, default=20_000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
+    p.add_argument("--lr-final", type=float, default=2e-5, help="final learning rate (cosine decay)")
+    p.add_argument("--width", type=float, default=1.0, help="network width multiplier (1 = the paper's)")
+    p.add_argument("--depth", type=int, default=4, help="stride-2 levels (4 = the paper's)")
+    p.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
+    p.add_argument("--electrons", type=float, nargs=2, default=(2e4, 1e6), metavar=("MIN", "MAX"), help="electrons per pattern")
+    p.add_argument("--phase-max", type=float, nargs=2, default=(0.1, 1.5), metavar=("MIN", "MAX"), help="object phase range (rad)")
+    p.add_argument("--mix", type=float, nargs=3, default=(0.5, 0.35, 0.15), metavar=("PHOTOS", "LATTICE", "NOISE"))
+    p.add_argument("--images", type=Path, default=None, help="folder of your own training images")
+    p.add_argument("--val-size", type=int, default=512)
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or gpu")
+    p.add_argument("--half", action="store_true", help="store weights as float16")
+    p.add_argument("--name", default="unnamed", help="model name stored in the file")
+    p.add_argument("--description", default="")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("simulate", help="simulate a calibrated 4D-STEM DataCube (EMD) over a lattice, with ground truth")
+    _add_geometry_arguments(p)
+    p.add_argument("--output", type=Path, required=True, help="EMD file to write (.h5)")
+    p.add_argument("--scan", type=int, nargs=2, default=(32, 32), metavar=("RX", "RY"), help="scan positions")
+    p.add_argument("--step", type=float, default=0.25, help="scan step (Å)")
+    p.add_argument("--dose", type=float, default=1.6e6, help="dose (e⁻/Å²)")
+    p.add_argument("--rotation", type=float, default=0.0, help="scan rotation (deg)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("reconstruct", help="reconstruct the phase of an EMD DataCube with a trained model")
+    p.add_argument("input", type=Path, help="EMD/py4DSTEM file holding a calibrated DataCube")
+    p.add_argument("--output", type=Path, required=True, help="EMD file for the phase image (.h5)")
+    p.add_argument("--energy", type=float, required=True, help="beam energy (eV)")
+    p.add_argument("--semiangle", type=float, required=True, help="convergence semi-angle (mrad)")
+    for name in POLAR_NAMES:
+        p.add_argument(f"--{name}", type=float, default=None, help=f"{name} ({'rad' if name.startswith('phi') else 'Å'})")
+    p.add_argument("--model", default=None, help="model file (.pt) or shipped model name (default: the shipped one)")
+    p.add_argument("--step", type=float, default=None, help="scan step (Å), if the file lacks the calibration")
+    p.add_argument("--angular-sampling", type=float, default=None, help="detector pixel (mrad), if the file lacks it")
+    p.add_argument("--rotation", type=float, default=None, help="scan rotation (deg); estimated if omitted")
+    p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None, help="scan transpose")
+    p.add_argument("--subsample", type=int, default=1, help="use every n-th scan position")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--stitching", choices=("lsq", "relaxation"), default="lsq")
+    p.add_argument("--tilt", action="store_true", help="also solve per-patch phase tilts when stitching")
+    p.add_argument("--png", type=Path, default=None, help="also write a figure")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("info", help="list shipped models, or describe a model (.pt) or result (.h5) file")
+    p.add_argument("path", type=Path, nargs="?", default=None)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+        print(f"deepcdi {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Training: the masked L1 loss, a resumable training loop with checkpoints, validation and history.
+
+Loss (one place): ``L = mean_b [ Σ_r mask(r) |f(x_b)(r) − φ_b(r)| / Σ_r mask(r) ]`` — the L1 error inside the
+illuminated mask of every sample, averaged over the batch (not only the first sample of a batch).
+Checkpoints hold weights, optimiser state, RNG state, the step and the history; they are written atomically
+and loaded with ``weights_only=True``. Batch ``k`` of the stream is a pure function of ``(seed, k)``, so a run
+resumed from a checkpoint continues exactly as if it had not been interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .backend import torch_device
+from .io import atomic_path
+from .models import DeepCDIModel
+from .network import ResUNet, count_parameters
+from .probe import ProbeGeometry
+from .simulation import StreamConfig, TrainingStream
+
+CHECKPOINT_FORMAT = "py4dstem-deepcdi-checkpoint"
+VALIDATION_WORKER = 10_000  # the validation set is drawn by a worker id no training run uses
+
+
+def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean |prediction − target| inside ``mask``, averaged over the batch (rad)."""
+    mask = mask.to(prediction.dtype)
+    per_sample = ((prediction - target).abs() * mask).sum((-3, -2, -1)) / (mask.sum() * prediction.shape[-3])
+    return per_sample.mean()
+
+
+def masked_correlation(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of prediction and target inside ``mask``, per sample (B,)."""
+    m = mask.to(prediction.dtype)
+    n = m.sum()
+    p = prediction.flatten(1)
+    t = target.flatten(1)
+    m = m.flatten().expand_as(p)
+    p = (p - (p * m).sum(1, keepdim=True) / n) * m
+    t = (t - (t * m).sum(1, keepdim=True) / n) * m
+    return (p * t).sum(1) / torch.sqrt((p * p).sum(1) * (t * t).sum(1)).clamp_min(1e-12)
+
+
+@dataclass
+class TrainConfig:
+    """Training settings.
+
+    Parameters
+    ----------
+    steps
+        Total optimiser steps.
+    optimizer
+        ``"adam"`` (default: Adam, cosine learning-rate decay from ``lr`` to ``lr_final``) or ``"sgd"`` (the paper's
+        tutorial: plain SGD, constant ``lr`` 1e-4, batch 16).
+    lr, lr_final
+        Initial and final learning rate.
+    width, depth, dropout
+        Network options (see :class:`ResUNet`).
+    bf16
+        bfloat16 autocast for the forward pass (on CPUs with AMX/AVX512-BF16 and on CUDA).
+    val_size
+        Samples in the fixed validation set.
+    val_every, checkpoint_every
+        Steps between validations and between checkpoints.
+    max_minutes
+        Stop cleanly (after a checkpoint) when this wall-clock budget is spent.
+    seed
+        Seed of the data stream, the initial weights and dropout.
+    stream
+        The training-set settings (doses, phase range, mix, batch size).
+    """
+
+    steps: int = 20_000
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    lr_final: float = 2e-5
+    width: float = 1.0
+    depth: int = 4
+    dropout: float = 0.2
+    bf16: bool = True
+    val_size: int = 512
+    val_every: int = 500
+    checkpoint_every: int = 500
+    max_minutes: float | None = None
+    seed: int = 0
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+    def __post_init__(self):
+        if isinstance(self.stream, dict):
+            self.stream = StreamConfig(**self.stream)
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        for name in ("steps", "val_size", "val_every", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.lr_final > 0):
+            raise ValueError("lr and lr_final must be positive")
+
+    @classmethod
+    def paper(cls, **changes) -> TrainConfig:
+        """The tutorial's recipe: SGD, learning rate 1e-4, batch 16."""
+        return cls(**{"optimizer": "sgd", "lr": 1e-4, "lr_final": 1e-4, "stream": StreamConfig(batch_size=16), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings."""
+        return dataclasses.asdict(self)
+
+    def learning_rate(self, step: int, elapsed: float = 0.0) -> float:
+        """Learning rate at ``step`` (cosine decay for Adam, constant for SGD).
+
+        With a ``max_minutes`` budget the decay follows whichever runs out first, the steps or the time spent
+        (``elapsed``, s), so a run stopped by its budget still ends at ``lr_final``.
+        """
+        if self.optimizer == "sgd":
+            return self.lr
+        t = step / max(self.steps - 1, 1)
+        if self.max_minutes:
+            t = max(t, elapsed / (60 * self.max_minutes))
+        t = min(t, 1.0)
+        return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * t))
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()  # pragma: no cover - needs a GPU
+    return torch.backends.mkldnn.is_available()
+
+
+class Trainer:
+    """Train a :class:`ResUNet` for one geometry from the simulated stream, with checkpoints and resume.
+
+    Parameters
+    ----------
+    geometry
+        The probe/detector geometry to train for.
+    config
+        Training settings.
+    checkpoint
+        Checkpoint file; if it exists, training resumes from it (its settings must match).
+    device
+        ``"cpu"`` or ``"gpu"``.
+    """
+
+    def __init__(
+        self,
+        geometry: ProbeGeometry,
+        config: TrainConfig | None = None,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+    ):
+        self.geometry = geometry
+        self.config = config or TrainConfig()
+        self.device = torch_device(device)
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        torch.manual_seed(self.config.seed)
+        self.network = ResUNet(self.config.width, self.config.depth, self.config.dropout).to(self.device)
+        self.network = self.network.to(memory_format=torch.channels_last)
+        if self.config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.network.parameters(), lr=self.config.lr)
+        else:
+            self.optimizer = torch.optim.SGD(self.network.parameters(), lr=self.config.lr)
+        self.stream = TrainingStream(geometry, self.config.stream, seed=self.config.seed, device=str(self.device))
+        self.mask = self.stream.model.mask
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict[str, float]] = []
+        self._validation: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.checkpoint is not None and self.checkpoint.exists():
+            self._load_checkpoint()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, device: str = "cpu", **changes: Any) -> Trainer:
+        """Rebuild the trainer stored in a checkpoint (its settings and geometry), e.g. to export or continue it.
+
+        ``changes`` may alter ``steps`` or ``max_minutes`` (the other settings must stay those of the run).
+        """
+        try:
+            payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            config = json.loads(payload["config"])
+            geometry = ProbeGeometry.from_dict(json.loads(payload["geometry"]))
+        except Exception as exc:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} cannot be read (corrupt or foreign): {exc}") from exc
+        config.update(changes)
+        return cls(geometry, TrainConfig(**config), checkpoint=checkpoint, device=device)
+
+    # ------------------------------------------------------------------ validation
+    def validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed validation samples (inputs, targets), drawn from a worker id no training run uses."""
+        if self._validation is None:
+            stream = TrainingStream(
+                self.geometry, self.config.stream, seed=self.config.seed, worker=VALIDATION_WORKER, device=str(self.device)
+            )
+            xs, ys, index = [], [], 0
+            while sum(len(x) for x in xs) < self.config.val_size:
+                x, y = stream.batch(index)
+                xs.append(x)
+                ys.append(y)
+                index += 1
+            self._validation = (torch.cat(xs)[: self.config.val_size], torch.cat(ys)[: self.config.val_size])
+        return self._validation
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Masked L1 (rad) and mean per-patch correlation on the validation set."""
+        x, y = self.validation_set()
+        self.network.eval()
+        predictions = []
+        for start in range(0, len(x), 256):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
+                predictions.append(self.network(x[start : start + 256].contiguous(memory_format=torch.channels_last)).float())
+        self.network.train()
+        p = torch.cat(predictions)
+        return {
+            "val_l1": float(masked_l1(p, y, self.mask)),
+            "val_corr": float(masked_correlation(p, y, self.mask).mean()),
+            "val_l1_zero": float(masked_l1(torch.zeros_like(y), y, self.mask)),
+        }
+
+    @property
+    def _use_bf16(self) -> bool:
+        return bool(self.config.bf16 and _bf16_supported(self.device))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write weights, optimiser, RNG state, step and history atomically."""
+        path = Path(path or self.checkpoint)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config": json.dumps(self.config.to_dict()),
+            "geometry": json.dumps(self.geometry.to_dict()),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "history": json.dumps(self.history),
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        return path
+
+    def _load_checkpoint(self) -> None:
+        try:
+            payload = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"checkpoint {str(self.checkpoint)!r} cannot be read (corrupt or foreign): {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{str(self.checkpoint)!r} is not a py4dstem-deepcdi training checkpoint")
+        saved = json.loads(payload["config"])
+        mine = json.loads(json.dumps(self.config.to_dict()))
+        # the budget and the schedule's length may change between runs; everything else must match
+        different = [k for k in mine if k not in ("max_minutes", "steps") and saved.get(k) != mine[k]]
+        if different:
+            raise ValueError(
+                f"checkpoint {str(self.checkpoint)!r} was made with other settings ({', '.join(different)}); "
+                "resume with the same settings or start a new checkpoint file"
+            )
+        if json.loads(payload["geometry"]) != json.loads(json.dumps(self.geometry.to_dict())):
+            raise ValueError(f"checkpoint {str(self.checkpoint)!r} was made for another geometry")
+        self.network.load_state_dict(payload["network"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng"])
+        self.step = int(payload["step"])
+        self.elapsed = float(payload["elapsed"])
+        self.history = json.loads(payload["history"])
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, progress: bool = True, until: int | None = None) -> list[dict[str, float]]:
+        """Run until ``config.steps`` (or step ``until``, or ``config.max_minutes``); returns the history.
+
+        The history has one entry per validation; a checkpoint is written at the end of the run.
+        """
+        config = self.config
+        budget = None if config.max_minutes is None else config.max_minutes * 60
+        start_time = time.perf_counter() - self.elapsed
+        self.network.train()
+        running, seen = 0.0, 0
+        bar = tqdm(total=config.steps, initial=self.step, desc="training", unit="step", disable=not progress)
+        last_step = config.steps if until is None else min(int(until), config.steps)
+        while self.step < last_step:
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.learning_rate(self.step, self.elapsed)
+            x, y = self.stream.batch(self.step)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
+                prediction = self.network(x.contiguous(memory_format=torch.channels_last))
+            loss = masked_l1(prediction.float(), y, self.mask)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.detach().item()} at step {self.step}; lower the learning rate")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            running += loss.detach().item()
+            seen += 1
+            bar.update(1)
+            self.elapsed = time.perf_counter() - start_time
+            out_of_time = budget is not None and self.elapsed >= budget
+            if self.step % config.val_every == 0 or self.step == config.steps or out_of_time:
+                record = {
+                    "step": self.step,
+                    "samples": self.step * config.stream.batch_size,
+                    "minutes": self.elapsed / 60,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "train_l1": running / max(seen, 1),
+                    **self.validate(),
+                }
+                self.history.append(record)
+                running, seen = 0.0, 0
+                bar.set_postfix(train=f"{record['train_l1']:.4f}", val=f"{record['val_l1']:.4f}")
+            if self.checkpoint is not None and (
+                self.step % config.checkpoint_every == 0 or self.step == last_step or out_of_time
+            ):
+                self.save_checkpoint()
+            if out_of_time:
+                break
+        bar.close()
+        return self.history
+
+    def export(self, name: str = "unnamed", description: str = "") -> DeepCDIModel:
+        """The trained network as a :class:`DeepCDIModel` with its metadata (training set, length, validation)."""
+        last = self.history[-1] if self.history else self.validate()
+        network = ResUNet(self.config.width, self.config.depth, self.config.dropout)
+        network.load_state_dict({k: v.cpu() for k, v in self.network.state_dict().items()})
+        metadata = {
+            "name": name,
+            "description": description,
+            "training_set": {**dataclasses.asdict(self.config.stream), "sources": "photos (scikit-image) + lattices + filtered noise"},
+            "training": {
+                "steps": self.step,
+                "samples": self.step * self.config.stream.batch_size,
+                "minutes": self.elapsed / 60,
+                "optimizer": self.config.optimizer,
+                "lr": self.config.lr,
+                "lr_final": self.config.lr_final,
+                "seed": self.config.seed,
+                "parameters": count_parameters(network),
+                "val_l1": last["val_l1"],
+                "val_corr": last["val_corr"],
+                "val_l1_zero": last["val_l1_zero"],
+            },
+        }
+        return DeepCDIModel(network.eval(), self.geometry, metadata)
+
+
+def plot_history(history: list[dict[str, float]], path: str | Path | None = None):
+    """Loss-history figure: training and validation masked L1 (rad) and validation correlation vs samples."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    samples = [h["samples"] for h in history]
+    ax1.semilogy(samples, [h["train_l1"] for h in history], label="training")
+    ax1.semilogy(samples, [h["val_l1"] for h in history], label="validation")
+    if history:
+        ax1.axhline(history[-1]["val_l1_zero"], color="grey", ls=":", label="predict zero")
+    ax1.set_xlabel("samples")
+    ax1.set_ylabel("masked L1 (rad)")
+    ax1.legend()
+    ax2.plot(samples, [h["val_corr"] for h in history])
+    ax2.set_xlabel("samples")
+    ax2.set_ylabel("validation correlation per patch")
+    fig.tight_layout()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+    return fig

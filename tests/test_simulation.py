@@ -1,0 +1,212 @@
+import numpy as np
+import pytest
+import torch
+
+from py4dstem_deepcdi.simulation import (
+    ForwardModel,
+    StreamConfig,
+    TrainingStream,
+    electrons_per_pattern,
+    network_input,
+    read_training_set,
+    scan_positions,
+    simulate_dataset,
+    write_training_set,
+)
+
+
+@pytest.fixture(scope="module")
+def model(geometry):
+    return ForwardModel(geometry)
+
+
+def random_phase(n, seed=0, shape=(32, 32)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=g) * 2.0
+
+
+def test_parseval_total_intensity_is_one(model):
+    intensity = model.intensity(random_phase(8))
+    np.testing.assert_allclose(intensity.sum((-2, -1)).numpy(), 1.0, rtol=1e-5)
+
+
+def test_intensity_matches_numpy_reference(model, geometry):
+    phase = random_phase(1, seed=3)[0].numpy().astype(np.float64)
+    exit_wave = np.fft.ifftshift(geometry.probe * np.exp(1j * phase))  # corner-centred, as py4DSTEM does
+    expected = np.fft.fftshift(np.abs(np.fft.fft2(exit_wave)) ** 2) / exit_wave.size
+    np.testing.assert_allclose(model.intensity(torch.as_tensor(phase)[None])[0].numpy(), expected, atol=1e-6)
+
+
+def test_empty_object_gives_the_bright_field_disk(model, geometry):
+    intensity = model.intensity(torch.zeros(1, 32, 32))[0].numpy()
+    np.testing.assert_allclose(intensity, np.abs(geometry.probe_fourier) ** 2, atol=1e-6)
+    assert np.unravel_index(np.argmax(intensity), intensity.shape) != (0, 0)
+    com = [(intensity * np.arange(32)[:, None]).sum(), (intensity * np.arange(32)[None, :]).sum()]
+    np.testing.assert_allclose(com, [16, 16], atol=0.5)  # the disk is centred at N//2
+
+
+def test_phase_ramp_shifts_pattern_by_known_pixels(model):
+    # φ(r) = 2π (3 r0/N + 2 r1/N) (pixels) deflects the beam by (+3, +2) detector pixels
+    r = torch.arange(32.0)
+    ramp = 2 * np.pi * (3 * r[:, None] + 2 * r[None, :]) / 32
+    flat = model.intensity(torch.zeros(1, 32, 32))[0]
+    tilted = model.intensity(ramp[None])[0]
+    np.testing.assert_allclose(tilted.numpy(), torch.roll(flat, (3, 2), (0, 1)).numpy(), atol=1e-6)
+
+
+def test_twin_image_gives_identical_intensity(model, geometry):
+    # |F[f]|² = |F[f*(-r)]|²: the twin of the exit wave is indistinguishable from intensities alone
+    phase = random_phase(1, seed=5)[0].numpy()
+    exit_wave = geometry.probe * np.exp(1j * phase)
+    twin = np.conj(np.roll(np.flip(exit_wave), 1, axis=(0, 1)))
+    i1 = np.abs(np.fft.fft2(exit_wave)) ** 2
+    i2 = np.abs(np.fft.fft2(twin)) ** 2
+    np.testing.assert_allclose(i1, i2, atol=1e-8 * i1.max())
+    # the twin's object is [P*(-r)/P(r)]·exp(-iφ(-r)); the aberrated probe makes P*(-r)/P(r) far from a constant
+    # inside the illuminated area, so the twin object differs from any offset of the true one
+    p = geometry.probe
+    ratio = np.conj(np.roll(np.flip(p), 1, axis=(0, 1)))[geometry.mask] / p[geometry.mask]
+    assert np.ptp(np.angle(ratio / ratio[0])) > 1.0
+
+
+def test_subpixel_probe_shift(model, geometry):
+    shifted = model.shifted_probes(torch.tensor([[1.0, -2.0], [0.5, 0.0]]))
+    np.testing.assert_allclose(shifted[0].numpy(), np.roll(geometry.probe, (1, -2), (0, 1)), atol=1e-6)
+    # half a pixel: the centre of intensity moves by 0.5 pixel, the norm is kept
+    intensity = shifted[1].abs().numpy() ** 2
+    base = np.abs(geometry.probe) ** 2
+    com = lambda a: (a * np.arange(32)[:, None]).sum() / a.sum()  # noqa: E731
+    assert com(intensity) - com(base) == pytest.approx(0.5, abs=0.02)
+    assert intensity.sum() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_poisson_mean_and_variance(geometry):
+    stream = TrainingStream(geometry, StreamConfig(electrons_range=(1e4, 1e4), batch_size=4000, mix={"noise": 1.0, "photos": 0, "lattice": 0}))
+    model = stream.model
+    phase = torch.zeros(4000, 32, 32)
+    expected = model.intensity(phase) * 1e4
+    g = torch.Generator().manual_seed(1)
+    counts = torch.poisson(expected, generator=g)
+    pixel = (16, 18)
+    lam = float(expected[0][pixel])
+    sample = counts[:, pixel[0], pixel[1]].double()
+    assert float(sample.mean()) == pytest.approx(lam, rel=4 / np.sqrt(lam * 4000) + 0.01)
+    assert float(sample.var()) == pytest.approx(lam, rel=0.1)
+    # the stream's totals follow the dose: N_e counts per pattern on average
+    x, _ = stream.batch(0, batch_size=256)
+    totals = (x[:, 0] ** 2).sum((-2, -1)) / 1024 * 1e4
+    assert float(totals.mean()) == pytest.approx(1e4, rel=0.01)
+
+
+def test_network_input_is_dose_independent(model):
+    intensity = model.intensity(random_phase(2))
+    a = network_input(intensity * 1e5, 1e5)
+    b = network_input(intensity * 1e3, 1e3)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
+    assert float((a**2).sum((-2, -1)).mean()) == pytest.approx(1024, rel=1e-5)
+
+
+def test_target_is_masked_and_zero_mean(model):
+    target = model.target(random_phase(4))
+    mask = model.mask
+    assert torch.all(target[:, ~mask] == 0)
+    np.testing.assert_allclose(target[:, mask].mean(-1).numpy(), 0, atol=1e-6)
+
+
+def test_stream_reproducible_and_differs_between_workers(geometry):
+    config = StreamConfig(batch_size=8)
+    a = TrainingStream(geometry, config, seed=7)
+    b = TrainingStream(geometry, config, seed=7)
+    c = TrainingStream(geometry, config, seed=7, worker=1)
+    xa, ya = next(a)
+    xb, yb = next(b)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    xc, _ = next(c)
+    assert not torch.equal(xa, xc)
+    xa2, _ = next(a)
+    assert not torch.equal(xa, xa2)
+    resumed = TrainingStream(geometry, config, seed=7, start=1)
+    assert torch.equal(next(resumed)[0], xa2)
+    assert xa.shape == (8, 1, 32, 32) and xa.dtype == torch.float32
+
+
+def test_training_set_hdf5_round_trip(tmp_path, geometry):
+    stream = TrainingStream(geometry, StreamConfig(batch_size=16), seed=1)
+    path = write_training_set(tmp_path / "train.h5", stream, 40)
+    x, y, mask = read_training_set(path)
+    assert x.shape == (40, 1, 32, 32) and y.shape == (40, 1, 32, 32)
+    np.testing.assert_array_equal(mask, geometry.mask)
+    again = TrainingStream(geometry, StreamConfig(batch_size=16), seed=1)
+    assert torch.equal(x[:16], next(again)[0])
+    with pytest.raises(FileExistsError):
+        write_training_set(path, stream, 4)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary files left
+
+
+def test_electrons_per_pattern_and_bad_doses():
+    assert electrons_per_pattern(1.6e6, 0.25) == pytest.approx(1e5)
+    assert electrons_per_pattern(1e6, (0.2, 0.5)) == pytest.approx(1e5)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="dose"):
+            electrons_per_pattern(bad, 0.25)
+    with pytest.raises(ValueError, match="scan_step"):
+        electrons_per_pattern(1e6, 0)
+    with pytest.raises(ValueError, match="electrons_range"):
+        StreamConfig(electrons_range=(1e5, 1e3))
+    with pytest.raises(ValueError, match="phase_max_range"):
+        StreamConfig(phase_max_range=(-1, 1))
+
+
+def test_scan_positions_rotation():
+    p = scan_positions((3, 4), 0.5)
+    assert p.shape == (12, 2)
+    np.testing.assert_allclose(p[1] - p[0], [0, 0.5])
+    r = scan_positions((3, 4), 0.5, rotation_deg=90)  # py4DSTEM's convention: row vectors times R(θ)
+    np.testing.assert_allclose(r[1] - r[0], [0.5, 0], atol=1e-6)
+    t = scan_positions((3, 4), 0.5, transpose=True)
+    np.testing.assert_allclose(t[1] - t[0], [0.5, 0])
+
+
+def test_simulated_dataset_calibration_and_counts(geometry):
+    ds = simulate_dataset(geometry, scan_shape=(6, 5), scan_step=0.25, dose=1.6e6, seed=2)
+    dc = ds.datacube
+    assert dc.data.shape == (6, 5, 32, 32)
+    assert dc.calibration.get_R_pixel_size() == 0.25 and dc.calibration.get_R_pixel_units() == "A"
+    assert dc.calibration.get_Q_pixel_size() == 2.0 and dc.calibration.get_Q_pixel_units() == "mrad"
+    assert ds.electrons_per_pattern == pytest.approx(1e5)
+    assert dc.data.sum((2, 3)).mean() == pytest.approx(1e5, rel=0.01)
+    assert np.all(dc.data == np.round(dc.data))  # Poisson counts
+    noiseless = simulate_dataset(geometry, scan_shape=(6, 5), scan_step=0.25, dose=1.6e6, seed=2, noise=False)
+    np.testing.assert_allclose(noiseless.datacube.data.sum((2, 3)), 1e5, rtol=1e-4)
+    np.testing.assert_allclose(np.diff(ds.positions[:2], axis=0), [[0, 0.25]], atol=1e-9)
+
+
+def test_ptychography_contract_with_py4dstem_epie(geometry):
+    """Our simulator and py4DSTEM's ePIE agree on every convention: the true phase comes back, not its twin."""
+    import py4DSTEM
+
+    ds = simulate_dataset(geometry, scan_shape=(20, 20), scan_step=0.5, electrons=1e6, seed=1)
+    p = py4DSTEM.process.phase.SingleslicePtychography(
+        energy=geometry.energy, datacube=ds.datacube, semiangle_cutoff=geometry.semiangle_cutoff,
+        polar_parameters=dict(geometry.aberrations), device="cpu", verbose=False, object_type="complex",
+    )
+    p.preprocess(force_com_rotation=0, force_com_transpose=False, plot_center_of_mass=False, plot_rotation=False,
+                 plot_probe_overlaps=False)
+    p.reconstruct(num_iter=8, reconstruction_method="GD", max_batch_size=1, step_size=0.5, fix_probe=True,
+                  progress_bar=False, seed_random=0)
+    recon = np.angle(p.object)
+    # ePIE pixel (i, j) is truth pixel (i, j) + offset; the offset follows from the two position lists
+    offset = np.round((ds.positions / ds.sampling - np.asarray(p._positions_px)).mean(0)).astype(int)
+    lo = np.ceil(np.asarray(p._positions_px).min(0)).astype(int) + 2
+    hi = np.floor(np.asarray(p._positions_px).max(0)).astype(int) - 2
+    rec = recon[lo[0]:hi[0], lo[1]:hi[1]]
+    truth = ds.phase[lo[0] + offset[0]:hi[0] + offset[0], lo[1] + offset[1]:hi[1] + offset[1]]
+
+    def corr(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+    assert corr(rec, truth) >= 0.95
+    assert corr(rec, truth[::-1, ::-1]) < 0.5  # not flipped
+    assert corr(rec, truth.T) < 0.5  # not transposed
+    assert corr(-rec, truth) < 0  # not conjugated

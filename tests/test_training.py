@@ -1,0 +1,129 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from py4dstem_deepcdi.simulation import StreamConfig
+from py4dstem_deepcdi.training import TrainConfig, Trainer, masked_correlation, masked_l1, plot_history
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(**changes):
+    base = dict(steps=6, width=0.125, depth=2, val_size=16, val_every=2, checkpoint_every=2, bf16=False,
+                stream=StreamConfig(batch_size=4))
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def test_masked_l1_averages_every_sample():
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[1:3, 1:3] = True
+    target = torch.zeros(2, 1, 4, 4)
+    prediction = torch.zeros(2, 1, 4, 4)
+    prediction[1, 0, 1:3, 1:3] = 2.0  # only the second sample is wrong
+    prediction[0, 0, 0, 0] = 100.0  # outside the mask: ignored
+    assert float(masked_l1(prediction, target, mask)) == pytest.approx(1.0)  # (0 + 2) / 2
+    corr = masked_correlation(torch.arange(16.0).reshape(1, 1, 4, 4), torch.arange(16.0).reshape(1, 1, 4, 4) * 3, mask)
+    assert float(corr[0]) == pytest.approx(1.0)
+
+
+def test_learning_rate_schedules():
+    c = TrainConfig(steps=101, lr=1e-3, lr_final=1e-5)
+    assert c.learning_rate(0) == pytest.approx(1e-3)
+    assert c.learning_rate(100) == pytest.approx(1e-5)
+    budget = TrainConfig(steps=10**6, lr=1e-3, lr_final=1e-5, max_minutes=1)
+    assert budget.learning_rate(10, elapsed=60) == pytest.approx(1e-5)  # the budget ends the decay
+    paper = TrainConfig.paper()
+    assert paper.optimizer == "sgd" and paper.stream.batch_size == 16 and paper.learning_rate(50) == 1e-4
+
+
+def test_training_reduces_validation_loss(geometry):
+    torch.set_num_threads(2)
+    config = small_config(steps=60, val_every=30, lr=2e-3, lr_final=2e-3, width=0.25, depth=3, val_size=64,
+                          stream=StreamConfig(batch_size=16, mix={"photos": 0.0, "lattice": 0.0, "noise": 1.0}))
+    trainer = Trainer(geometry, config)
+    before = trainer.validate()["val_l1"]
+    history = trainer.train(progress=False)
+    assert len(history) == 2
+    assert history[-1]["val_l1"] < 0.9 * before
+
+
+def test_resume_is_exact(tmp_path, geometry):
+    full = Trainer(geometry, small_config(), checkpoint=tmp_path / "full.ckpt")
+    full.train(progress=False)
+    first = Trainer(geometry, small_config(), checkpoint=tmp_path / "part.ckpt")
+    first.train(progress=False, until=4)
+    resumed = Trainer(geometry, small_config(), checkpoint=tmp_path / "part.ckpt")
+    assert resumed.step == 4
+    resumed.train(progress=False)
+    for (k, a), b in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [h["step"] for h in resumed.history] == [2, 4, 6]
+
+
+def test_killed_training_resumes(tmp_path):
+    """A training process killed mid-run (SIGKILL) leaves a valid checkpoint and resumes from it."""
+    out = tmp_path / "model.pt"
+    ckpt = tmp_path / "model.ckpt"
+    args = [sys.executable, "-m", "py4dstem_deepcdi.cli", "train", "--output", str(out), "--checkpoint", str(ckpt),
+            "--width", "0.125", "--depth", "2", "--batch-size", "4", "--val-size", "8", "--val-every", "1000",
+            "--checkpoint-every", "1", "--fp32", "--quiet", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([*args, "--steps", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not out.exists()
+    step = torch.load(ckpt, weights_only=True)["step"]  # the checkpoint is whole (a kill can only orphan a .part file)
+    assert step >= 1
+    done = subprocess.run([*args, "--steps", str(step + 2)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from {ckpt} at step {step}" in done.stderr
+    assert torch.load(ckpt, weights_only=True)["step"] == step + 2
+    assert out.exists()
+
+
+def test_budget_stops_cleanly(tmp_path, geometry):
+    trainer = Trainer(geometry, small_config(steps=10**6, max_minutes=0.05), checkpoint=tmp_path / "c.ckpt")
+    history = trainer.train(progress=False)
+    assert 0 < trainer.step < 10**6
+    assert history[-1]["step"] == trainer.step
+    assert torch.load(tmp_path / "c.ckpt", weights_only=True)["step"] == trainer.step
+
+
+def test_checkpoint_mismatch_and_corruption(tmp_path, geometry):
+    Trainer(geometry, small_config(steps=2), checkpoint=tmp_path / "c.ckpt").train(progress=False)
+    with pytest.raises(ValueError, match="other settings.*width"):
+        Trainer(geometry, small_config(width=0.25), checkpoint=tmp_path / "c.ckpt")
+    with pytest.raises(ValueError, match="another geometry"):
+        Trainer(geometry.replace(energy=200e3, semiangle_cutoff=17.1), small_config(), checkpoint=tmp_path / "c.ckpt")
+    (tmp_path / "bad.ckpt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot be read"):
+        Trainer(geometry, small_config(), checkpoint=tmp_path / "bad.ckpt")
+
+
+def test_export_and_history_figure(tmp_path, geometry):
+    trainer = Trainer(geometry, small_config(steps=2))
+    history = trainer.train(progress=False)
+    model = trainer.export(name="tiny")
+    assert model.metadata["training"]["steps"] == 2
+    assert model.metadata["training"]["samples"] == 8
+    assert model.metadata["training"]["val_l1"] == history[-1]["val_l1"]
+    plot_history(history, tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
