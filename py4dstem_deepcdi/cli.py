@@ -131,7 +131,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     truth = py4DSTEM.RealSlice(data=ds.phase, name="ground_truth_phase")
-    ds.datacube.add_to_tree(truth)
+    ds.datacube.tree(graft=truth)
     with atomic_path(args.output) as tmp:
         py4DSTEM.save(str(tmp), ds.datacube, mode="w")
     print(
@@ -159,6 +159,39 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.png:
         recon.visualize(path=args.png)
     print(f"phase image {recon.object_phase.shape} ({recon.sampling[0]:.4g} Å/pixel) written to {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from .comparison import compare_with_epie  # noqa: PLC0415
+    from .models import as_model  # noqa: PLC0415
+    from .reconstruction import DeepCDIReconstruction  # noqa: PLC0415
+    from .simulation import simulate_dataset  # noqa: PLC0415
+
+    _threads(args)
+    start = time.perf_counter()
+    model = as_model(args.model)
+    geometry = model.geometry
+    print(f"model: {model!r}")
+    ds = simulate_dataset(geometry, scan_shape=(args.scan, args.scan), scan_step=args.step, dose=args.dose, seed=args.seed)
+    print(
+        f"simulated {args.scan}×{args.scan} patterns of {geometry.detector_shape[0]}×{geometry.detector_shape[1]} "
+        f"pixels over a lattice ({ds.electrons_per_pattern:.3g} e⁻/pattern = {args.dose:.3g} e⁻/Å² × "
+        f"{args.step}² Å²)"
+    )
+    recon = DeepCDIReconstruction(
+        ds.datacube, geometry.energy, geometry.semiangle_cutoff, model=model, rotation_deg=0.0, transpose=False,
+        **geometry.aberrations,
+    )
+    recon.preprocess().reconstruct()
+    comparison = compare_with_epie(recon, num_iter=args.epie_iters, ground_truth=ds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    emd = comparison.save(args.out / "demo.h5", overwrite=True)
+    comparison.visualize(path=args.out / "demo.png")
+    print(comparison)
+    print(f"wrote {emd} and {args.out / 'demo.png'} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -259,6 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "demo", help="quick start: simulate a lattice, reconstruct with the shipped model, compare with ePIE"
+    )
+    p.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for demo.h5 and demo.png (overwritten)")
+    p.add_argument("--model", default=None, help="model file or shipped name (default: the shipped model)")
+    p.add_argument("--scan", type=int, default=40, help="scan positions per side")
+    p.add_argument("--step", type=float, default=0.25, help="scan step (Å)")
+    p.add_argument("--dose", type=float, default=1.6e6, help="dose (e⁻/Å²)")
+    p.add_argument("--epie-iters", type=int, default=10, help="ePIE iterations for the comparison")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("info", help="list shipped models, or describe a model (.pt) or result (.h5) file")
     p.add_argument("path", type=Path, nargs="?", default=None)

@@ -306,6 +306,7 @@ class DeepCDIReconstruction:
         Atomic; an existing file is kept unless ``overwrite``. Read it back with :func:`read_reconstruction`
         or ``py4DSTEM.read``.
         """
+        self._require("reconstruct")
         arrays = {
             "positions_A": self.positions,
             "offsets_rad": self.offsets,
@@ -348,6 +349,15 @@ class DeepCDIReconstruction:
             with atomic_path(path) as tmp:
                 fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
         return self
+
+    def compare_with_epie(self, **kwargs):
+        """Compare with py4DSTEM's ePIE on the same data, probe and positions.
+
+        See :func:`py4dstem_deepcdi.comparison.compare_with_epie` for the arguments; returns a ``Comparison``.
+        """
+        from .comparison import compare_with_epie  # noqa: PLC0415
+
+        return compare_with_epie(self, **kwargs)
 
     def __repr__(self) -> str:
         state = "reconstructed" if self.object_phase is not None else "preprocessed" if self.data is not None else "new"

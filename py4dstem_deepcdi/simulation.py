@@ -45,7 +45,7 @@ def network_input(counts: torch.Tensor, electrons: torch.Tensor | float) -> torc
     """
     n_pixels = counts.shape[-1] * counts.shape[-2]
     electrons = torch.as_tensor(electrons, dtype=counts.dtype, device=counts.device).reshape(-1, 1, 1)
-    return torch.sqrt(counts.clamp_min(0) / electrons * n_pixels)
+    return counts.clamp_min(0).mul_(n_pixels / electrons).sqrt_()
 
 
 class ForwardModel:
@@ -67,6 +67,15 @@ class ForwardModel:
         n0, n1 = geometry.detector_shape
         self._kx = torch.fft.fftfreq(n0, device=self.device)[:, None]
         self._ky = torch.fft.fftfreq(n1, device=self.device)[None, :]
+        # fftshift of the far field = the exit wave times exp(2πi (r0 (N0//2)/N0 + r1 (N1//2)/N1)) ((-1)^(r0+r1) for
+        # even N); that factor and the unitary FFT's 1/sqrt(N0 N1) are folded into the probe once
+        r0 = torch.arange(n0, dtype=torch.float64)[:, None] * (n0 // 2) / n0
+        r1 = torch.arange(n1, dtype=torch.float64)[None, :] * (n1 // 2) / n1
+        modulation = torch.exp(2j * math.pi * (r0 + r1)) / math.sqrt(n0 * n1)
+        self._modulation = modulation.to(torch.complex64).to(self.device)
+        self._probe_modulated = (torch.as_tensor(geometry.probe, dtype=torch.complex128) * modulation).to(
+            torch.complex64
+        ).to(self.device)
 
     def shifted_probes(self, shifts_px: torch.Tensor) -> torch.Tensor:
         """The probe translated by ``shifts_px`` (B, 2) pixels with a Fourier phase ramp, (B, N, N) complex."""
@@ -82,16 +91,25 @@ class ForwardModel:
         ``phase`` (B, N, N) in rad on the window grid centred on the scan position; ``shifts_px`` optional
         sub-pixel probe shifts (B, 2).
         """
-        probe = self.probe[None] if shifts_px is None else self.shifted_probes(shifts_px)
-        exit_wave = probe * torch.exp(1j * phase.to(self.device, torch.float32))
-        far_field = torch.fft.fft2(exit_wave, norm="ortho")
-        return torch.fft.fftshift(far_field.real**2 + far_field.imag**2, dim=(-2, -1))
+        if shifts_px is None:
+            probe = self._probe_modulated[None]
+        else:
+            probe = self.shifted_probes(shifts_px).mul_(self._modulation)
+        phase = phase.to(self.device, torch.float32)
+        exit_wave = torch.complex(torch.cos(phase), torch.sin(phase))
+        if exit_wave.shape == torch.broadcast_shapes(exit_wave.shape, probe.shape):
+            exit_wave.mul_(probe)
+        else:
+            exit_wave = exit_wave * probe
+        far_field = torch.view_as_real(torch.fft.fft2(exit_wave))  # already unitary and fftshifted (see __init__)
+        intensity = far_field[..., 0].square()
+        return intensity.addcmul_(far_field[..., 1], far_field[..., 1])
 
     def target(self, phase: torch.Tensor) -> torch.Tensor:
         """Phase inside the illuminated mask with its mean over the mask removed, 0 outside (B, N, N)."""
         mask = self.mask.to(phase.dtype)
-        mean = (phase * mask).sum((-2, -1), keepdim=True) / mask.sum()
-        return (phase - mean) * mask
+        mean = (phase.flatten(-2) @ mask.flatten()) / mask.sum()
+        return (phase - mean[..., None, None]).mul_(mask)
 
 
 @dataclass
@@ -164,12 +182,11 @@ class TrainingStream:
         images = self.source.sample(n, geometry.detector_shape, geometry.sampling, generator)
         lo, hi = config.phase_max_range
         phase_max = lo + (hi - lo) * torch.rand(n, 1, 1, generator=generator, device=generator.device)
-        phase = images * phase_max
+        phase = images.mul_(phase_max)
         log_lo, log_hi = math.log(config.electrons_range[0]), math.log(config.electrons_range[1])
         electrons = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=generator, device=generator.device))
-        intensity = self.model.intensity(phase)
-        counts = torch.poisson(intensity * electrons[:, None, None], generator=generator)
-        x = network_input(counts, electrons)
+        counts = _poisson(self.model.intensity(phase).mul_(electrons[:, None, None]), generator)
+        x = counts.mul_((geometry.detector_shape[0] * geometry.detector_shape[1] / electrons)[:, None, None]).sqrt_()
         return x[:, None], self.model.target(phase)[:, None]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -179,6 +196,133 @@ class TrainingStream:
         out = self.batch(self.index)
         self.index += 1
         return out
+
+
+# ---------------------------------------------------------------------------------------------- Poisson counts
+
+_TABLE_RATE = 16.0  # below: table-guided inversion; from here on: transformed rejection (PTRS, valid for λ >= 10)
+_RATE_CELLS = 1024  # λ cells of 1/64: λ·64 is exact in float32
+_UNIFORM_CELLS = 1024  # uniform cells of 1/1024: exact, torch.rand floats are multiples of 2^-24
+_INVERSION_TABLE: list[torch.Tensor] = []
+
+
+def _inversion_table() -> torch.Tensor:
+    """Poisson quantiles per cell of (λ, u): ``k`` where ``min{k: u < F(k; λ)}`` is the same all over the cell,
+    -1 where it is not (and in the last row, λ >= _TABLE_RATE). Flat int8, row-major (λ cell, u cell)."""
+    if not _INVERSION_TABLE:
+        rate = torch.arange(_RATE_CELLS + 1, dtype=torch.float64) * (_TABLE_RATE / _RATE_CELLS)  # cell edges
+        k = torch.arange(64, dtype=torch.float64)
+        log_pmf = -rate[:, None] + k * torch.log(rate[:, None].clamp_min(1e-300)) - torch.lgamma(k + 1)
+        cdf = torch.exp(log_pmf).cumsum(1)
+        cdf[0] = 1.0  # λ = 0
+        u = torch.arange(_UNIFORM_CELLS + 1, dtype=torch.float64) / _UNIFORM_CELLS
+        quantile = torch.searchsorted(cdf, u.expand(_RATE_CELLS + 1, -1).contiguous(), right=True)
+        # the quantile grows with λ and u: one value over a cell if its two extreme corners agree
+        low, high = quantile[:-1, :-1], quantile[1:, 1:]
+        table = torch.where(low == high, low, -1).to(torch.int8)
+        _INVERSION_TABLE.append(torch.cat([table, torch.full((1, _UNIFORM_CELLS), -1, dtype=torch.int8)]).flatten())
+    return _INVERSION_TABLE[0]
+
+
+def _poisson_inversion(rate: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``min{k: u < F(k; λ)}`` by sequential search in float64 (for λ < _TABLE_RATE)."""
+    rate, u = rate.double(), u.double()
+    p = torch.exp(-rate)
+    cdf = p.clone()
+    k = out = torch.zeros_like(rate)
+    todo = None  # the elements in k, rate, ... (None: all)
+    for j in range(1, 200):
+        more = cdf <= u
+        if not bool(more.any()):
+            break
+        if j % 8 == 0:  # drop the finished elements now and then
+            keep = more.nonzero().flatten()
+            if todo is not None:
+                out.index_copy_(0, todo, k)
+            todo = keep if todo is None else todo[keep]
+            rate, u, p, cdf, k, more = (t[keep] for t in (rate, u, p, cdf, k, more))
+        k += more
+        p *= rate / j
+        cdf += p
+    return out if todo is None else out.index_copy_(0, todo, k)
+
+
+def _poisson_ptrs(rate: torch.Tensor, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Poisson counts for λ >= 10 by Hörmann's transformed rejection with squeeze (PTRS, 1993), vectorised.
+
+    ``v`` holds one uniform per element for the first attempt. Elements rejected get several attempts per round
+    after that (the first accepted one counts), so few rounds are needed.
+    """
+    out = torch.empty_like(rate)
+    todo = None  # the elements still without a count (None: all)
+    attempts = 1
+    while True:
+        lam = rate if todo is None else rate.index_select(0, todo)
+        m = lam.numel()
+        if m == 0:
+            return out
+        lam = lam[:, None]
+        b = lam.sqrt().mul_(2.53).add_(0.931)
+        a = b.mul(0.02483).sub_(0.059)
+        vr = (b - 2).reciprocal_().mul_(-3.6224).add_(0.9277)
+        u = torch.rand(m, attempts, generator=generator).sub_(0.5)
+        if v is None:
+            v = torch.rand(m, attempts, generator=generator)
+        else:
+            v = v[:, None]
+        us = u.abs().neg_().add_(0.5)
+        k = torch.div(a * 2, us).add_(b).mul_(u).add_(lam).add_(0.43).floor_()
+        accept = (us >= 0.07) & (v <= vr)
+        slow = (~accept).nonzero()
+        if len(slow):
+            row, col = slow[:, 0], slow[:, 1]
+            ks, uss, vs = k[row, col].double(), us[row, col].double(), v[row, col].double()
+            ls, bs = lam[row, 0].double(), b[row, 0].double()
+            as_ = bs * 0.02483 - 0.059
+            inv_alpha = 1.1239 + 1.1328 / (bs - 3.4)
+            lhs = torch.log(vs * inv_alpha / (as_ / (uss * uss) + bs))
+            rhs = -ls + ks * torch.log(ls) - torch.lgamma(ks + 1)
+            ok = (ks >= 0) & ((uss >= 0.013) | (vs <= uss)) & (lhs <= rhs)
+            accept[row, col] = ok
+        if attempts == 1:
+            done, count = accept[:, 0], k[:, 0]
+        else:
+            done = accept.any(1)
+            count = k.gather(1, accept.to(torch.uint8).argmax(1, keepdim=True))[:, 0]
+        if todo is None:
+            out.copy_(count)
+            todo = (~done).nonzero().flatten()
+        else:
+            out.index_copy_(0, todo, count)  # the rejected ones are overwritten later
+            todo = todo[~done]
+        v, attempts = None, (2 if attempts == 1 else 4)
+
+
+def _poisson(rate: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Poisson counts with means ``rate`` (>= 0), float32, exact.
+
+    On a GPU this is ``torch.poisson``. On the CPU, where that samples element by element, a vectorised sampler:
+    inversion ``min{k: u < F(k; λ)}`` looked up in a table of (λ, u) cells where the cell decides ``k``, by sequential
+    search where it does not (a few percent), and Hörmann's PTRS rejection for λ >= 16.
+    """
+    if rate.device.type != "cpu":
+        return torch.poisson(rate, generator=generator)
+    flat = rate.reshape(-1).float()
+    u = torch.rand(flat.shape, generator=generator)
+    cell = (flat * (_RATE_CELLS / _TABLE_RATE)).clamp_(max=_RATE_CELLS).to(torch.int32).mul_(_UNIFORM_CELLS)
+    cell += (u * _UNIFORM_CELLS).to(torch.int32)
+    quantile = _inversion_table().index_select(0, cell)
+    out = quantile.to(torch.float32)
+    rest = (quantile < 0).nonzero().flatten()
+    if len(rest):
+        lam, v = flat[rest], u[rest]
+        big = lam >= _TABLE_RATE
+        large, small = big.nonzero().flatten(), (~big).nonzero().flatten()
+        if len(large):
+            out.index_copy_(0, rest[large], _poisson_ptrs(lam[large], v[large], generator))
+        if len(small):
+            out.index_copy_(0, rest[small], _poisson_inversion(lam[small], v[small]).float())
+    return out.reshape(rate.shape)
 
 
 def write_training_set(path: str | Path, stream: TrainingStream, n_samples: int, overwrite: bool = False) -> Path:
@@ -233,7 +377,6 @@ def lattice_object(
     """A synthetic atomic-lattice phase object (rad), ``shape`` pixels of ``sampling`` Å (random lattice from seed)."""
     generator = torch.Generator().manual_seed(int(seed))
     source = LatticeSource(amorphous_fraction=0.0, **lattice_kwargs)
-    # LatticeSource renders on a grid twice the requested size internally; large objects are rendered whole.
     image = source.sample(1, tuple(shape), (sampling, sampling), generator)[0]
     return (image.numpy() * phase_max).astype(np.float32)
 
@@ -357,7 +500,7 @@ def simulate_dataset(
         windows = obj[r[:, :, None], c[:, None, :]]
         intensity = model.intensity(windows, shifts_px=pos - whole)
         expected = intensity * n_electrons
-        counts = torch.poisson(expected, generator=generator) if noise else expected
+        counts = _poisson(expected, generator) if noise else expected
         data[start : start + len(pos)] = counts.cpu().numpy()
 
     datacube = py4DSTEM.DataCube(data=data.reshape(*scan_shape, n0, n1))

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from py4dstem_deepcdi.cli import main
+from py4dstem_deepcdi.models import DeepCDIModel
+from py4dstem_deepcdi.network import ResUNet
+from py4dstem_deepcdi.reconstruction import read_reconstruction
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    from py4dstem_deepcdi.probe import ProbeGeometry
+
+    geometry = ProbeGeometry(300e3, 17.1, angular_sampling=2.0, aberrations={"C10": -100.0}, mask_threshold=0.1)
+    path = tmp_path_factory.mktemp("m") / "tiny.pt"
+    DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "tiny"}).save(path)
+    return path
+
+
+def test_help_is_microscopist_readable():
+    out = subprocess.run([sys.executable, "-m", "py4dstem_deepcdi.cli", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for word in ("demo", "simulate", "train", "reconstruct", "info"):
+        assert word in out
+    out = subprocess.run([sys.executable, "-m", "py4dstem_deepcdi.cli", "reconstruct", "--help"], capture_output=True,
+                         text=True, cwd=ROOT, check=True).stdout
+    assert "semi-angle (mrad)" in out and "scan step (Å)" in out
+
+
+def test_simulate_reconstruct_info(tmp_path, model_file, capsys):
+    data = tmp_path / "data.h5"
+    assert main(["simulate", "--output", str(data), "--scan", "8", "8", "--step", "0.3"]) == 0
+    assert main(["simulate", "--output", str(data)]) == 2  # refuses to overwrite
+    assert "exists" in capsys.readouterr().err
+    out = tmp_path / "phase.h5"
+    png = tmp_path / "phase.png"
+    assert main(["reconstruct", str(data), "--output", str(out), "--energy", "300e3", "--semiangle", "17.1",
+                 "--C10", "-100", "--model", str(model_file), "--rotation", "0", "--no-transpose", "--png", str(png),
+                 "--quiet", "--precision", "fp32"]) == 0
+    result = read_reconstruction(out)
+    assert result["phase"].ndim == 2 and np.isfinite(result["phase"]).all()
+    assert result["metadata"]["preprocessing"]["scan_shape"] == [8, 8]
+    assert png.stat().st_size > 1000
+    assert main(["info", str(out)]) == 0
+    assert "positions_A" in capsys.readouterr().out
+    assert main(["info", str(model_file)]) == 0
+    assert '"name": "tiny"' in capsys.readouterr().out
+
+
+def test_reconstruct_errors_are_clear(tmp_path, model_file, capsys):
+    data = tmp_path / "data.h5"
+    main(["simulate", "--output", str(data), "--scan", "6", "6"])
+    code = main(["reconstruct", str(data), "--output", str(tmp_path / "p.h5"), "--energy", "200e3",
+                 "--semiangle", "17.1", "--C10", "-100", "--model", str(model_file)])
+    assert code == 2 and "energy (eV): model 300000 vs data 200000" in capsys.readouterr().err
+    assert not (tmp_path / "p.h5").exists()
+    (tmp_path / "junk.h5").write_text("junk")
+    code = main(["reconstruct", str(tmp_path / "junk.h5"), "--output", str(tmp_path / "p.h5"), "--energy", "300e3",
+                 "--semiangle", "17.1"])
+    assert code == 2 and "not a readable" in capsys.readouterr().err

@@ -1,0 +1,109 @@
+import numpy as np
+import py4DSTEM
+import pytest
+
+import py4dstem_deepcdi  # noqa: F401  (registers DataCube.reconstruct_deepcdi)
+from py4dstem_deepcdi.models import DeepCDIModel
+from py4dstem_deepcdi.network import ResUNet
+from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction, read_reconstruction
+from py4dstem_deepcdi.simulation import simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_model(geometry):
+    """An untrained network: these tests check the plumbing, not the image quality."""
+    return DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def dataset(geometry):
+    return simulate_dataset(geometry, scan_shape=(10, 12), scan_step=0.3, electrons=1e5, seed=4)
+
+
+def make(dataset, model, **kwargs):
+    args = dict(energy=300e3, semiangle_cutoff=17.1, C10=-100.0, C12=20.0, phi12=0.5, model=model,
+                rotation_deg=0, transpose=False, verbose=False)
+    args.update(kwargs)
+    return DeepCDIReconstruction(dataset.datacube, **args)
+
+
+def test_chaining_results_and_positions(dataset, tiny_model):
+    recon = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32")
+    assert recon.patches.shape == (120, 32, 32)
+    assert recon.offsets.shape == (120,)
+    assert recon.object_phase.ndim == 2 and np.isfinite(recon.object_phase[recon.coverage > 0]).all()
+    assert recon.sampling == tiny_model.geometry.sampling
+    # positions on the canvas keep the scan's geometry: step 0.3 Å in pixels of the phase image
+    d = np.diff(recon.positions_px[:2], axis=0)[0]
+    np.testing.assert_allclose(d, [0, 0.3 / recon.sampling[1]], atol=1e-6)
+    crop = recon.object_phase_cropped
+    expected = np.array([9 * 0.3 / recon.sampling[0], 11 * 0.3 / recon.sampling[1]])  # scanned extent in pixels
+    assert np.all(np.abs(np.array(crop.shape) - expected) <= 1.01)
+    assert {"preprocess_s", "inference_s", "stitching_s"} <= set(recon.timings)
+
+
+def test_datacube_accessor(dataset, tiny_model):
+    assert hasattr(py4DSTEM.DataCube, "reconstruct_deepcdi")
+    recon = dataset.datacube.reconstruct_deepcdi(
+        energy=300e3, semiangle_cutoff=17.1, C10=-100.0, C12=20.0, phi12=0.5, model=tiny_model, rotation_deg=0,
+        transpose=False, verbose=False, reconstruct_kwargs={"precision": "fp32"},
+    )
+    assert isinstance(recon, DeepCDIReconstruction) and recon.object_phase is not None
+
+
+def test_save_and_read_back(tmp_path, dataset, tiny_model):
+    recon = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32")
+    path = recon.save(tmp_path / "phase.h5")
+    back = read_reconstruction(path)
+    np.testing.assert_allclose(back["phase"], np.nan_to_num(recon.object_phase), atol=1e-6)
+    np.testing.assert_allclose(back["positions_A"], recon.positions)
+    assert back["sampling"] == pytest.approx(recon.sampling)
+    assert back["metadata"]["geometry"]["energy_eV"] == 300e3
+    assert back["metadata"]["model"]["name"] == "tiny"
+    # py4DSTEM reads it too
+    root = py4DSTEM.read(str(path))
+    assert root.data.shape == recon.object_phase.shape
+    with pytest.raises(FileExistsError):
+        recon.save(path)
+    recon.save(path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phase.h5"]
+
+
+def test_foreign_files_are_refused(tmp_path, dataset):
+    py4DSTEM.save(str(tmp_path / "dc.h5"), dataset.datacube, mode="w")
+    with pytest.raises(ValueError, match="not a py4dstem-deepcdi result"):
+        read_reconstruction(tmp_path / "dc.h5")
+    (tmp_path / "junk.h5").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="not a readable"):
+        read_reconstruction(tmp_path / "junk.h5")
+
+
+def test_visualize_returns_self_and_figure(tmp_path, dataset, tiny_model):
+    recon = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32")
+    assert recon.visualize(ground_truth=dataset.phase, path=tmp_path / "f.png") is recon
+    assert len(recon.figure.axes) >= 3 and (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_bad_inputs(dataset, tiny_model):
+    with pytest.raises(ValueError, match="C10: model -100 vs data 0"):
+        DeepCDIReconstruction(dataset.datacube, 300e3, 17.1, C12=20.0, phi12=0.5, model=tiny_model)
+    with pytest.raises(ValueError, match="energy"):
+        make(dataset, tiny_model, energy=200e3)
+    with pytest.raises(RuntimeError, match="gpu"):
+        make(dataset, tiny_model, device="gpu")
+    recon = make(dataset, tiny_model)
+    with pytest.raises(RuntimeError, match="preprocess"):
+        recon.positions  # noqa: B018
+    with pytest.raises(RuntimeError, match="reconstruct"):
+        recon.save("never.h5")
+    with pytest.raises(ValueError, match="4-D"):
+        DeepCDIReconstruction(dataset.datacube.data[0], 300e3, 17.1, C10=-100.0, C12=20.0, phi12=0.5,
+                              model=tiny_model).preprocess()
+    with pytest.raises(TypeError, match="unknown preprocess options"):
+        recon.preprocess(binning=2)
+
+
+def test_aperture_mismatch_warns(dataset, tiny_model, geometry):
+    other = simulate_dataset(geometry.replace(semiangle_cutoff=15.0), scan_shape=(6, 6), scan_step=0.3, electrons=1e5)
+    with pytest.warns(UserWarning, match="bright-field disk"):
+        make(other, tiny_model).preprocess()
