@@ -928,6 +928,54 @@ def read_comparison(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _deep_cdi_field_of_view(recon, min_coverage: float):
+    """Canvas pixels of a reconstruction that are inside the scan and covered at >= ``min_coverage`` of the
+    typical (90th percentile) coverage: (sampling Å, origin px, grid px (M, 2), grid Å (M, 2), ok (M,))."""
+    s_d = np.asarray(recon.sampling, dtype=np.float64)
+    origin_d = (recon.positions_px - recon.positions / s_d).mean(0)
+    height, width = recon.object_phase.shape
+    grid = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij"), -1)
+    grid = grid.reshape(-1, 2).astype(np.float64)
+    grid_A = (grid - origin_d) * s_d
+    coverage = np.asarray(recon.coverage, dtype=np.float64).ravel()
+    finite = np.isfinite(recon.object_phase).ravel()
+    ok = _inside_hull(recon.positions_px, grid) & finite
+    if ok.any():
+        ok &= coverage >= min_coverage * np.percentile(coverage[ok], 90)
+    r0, r1, c0, c1 = _largest_rectangle(ok.reshape(height, width))
+    if min(r1 - r0, c1 - c0) < MIN_FOV_PX:
+        raise ValueError(
+            f"the deep-CDI field of view is too small to compare: {int(ok.sum())} pixels covered at >= "
+            f"{min_coverage:g} of the typical coverage and no {MIN_FOV_PX}×{MIN_FOV_PX} pixel rectangle; "
+            "scan a larger area or lower min_coverage"
+        )
+    return s_d, origin_d, grid, grid_A, ok
+
+
+def score_reconstruction(recon, ground_truth, remove_ramp: bool = False, min_coverage: float = 0.5) -> dict[str, Any]:
+    """Score a finished deep-CDI reconstruction against the ground truth, without ePIE.
+
+    ``ground_truth`` as in :func:`compare_with_epie`. The truth is interpolated onto the reconstruction's canvas
+    through the probe positions (no fitting), both are cropped to the largest well-covered rectangle, offsets (and
+    with ``remove_ramp`` linear ramps) removed. Returns :func:`score_against_truth`'s numbers plus ``box``.
+    """
+    if recon.object_phase is None:
+        raise RuntimeError("call recon.preprocess().reconstruct() first")
+    t_phase, t_sampling, t_delta = _ground_truth(ground_truth, recon)
+    s_d, _, grid, grid_A, ok = _deep_cdi_field_of_view(recon, min_coverage)
+    t_px = (grid_A + t_delta) / np.asarray(t_sampling)
+    ok &= np.all((t_px >= 0) & (t_px <= np.asarray(t_phase.shape) - 1), axis=1)
+    height, width = recon.object_phase.shape
+    r0, r1, c0, c1 = _largest_rectangle(ok.reshape(height, width))
+    if min(r1 - r0, c1 - c0) < MIN_FOV_PX:
+        raise ValueError("the reconstruction and the ground truth share no usable field of view")
+    coords = np.moveaxis(t_px.reshape(height, width, 2)[r0:r1, c0:c1], -1, 0)
+    truth = remove_background(_sample(t_phase, coords), remove_ramp)
+    deep = remove_background(recon.object_phase[r0:r1, c0:c1], remove_ramp)
+    sampling = (float(s_d[0]), float(s_d[1]))
+    return {**score_against_truth(deep, truth, sampling), "box": (int(r0), int(r1), int(c0), int(c1))}
+
+
 def compare_with_epie(
     recon,
     num_iter: int = 50,
@@ -994,24 +1042,8 @@ def compare_with_epie(
         raise EPIEDivergenceError("this ePIE result diverged (diverged=True): it cannot be compared")
 
     # ---------------------------------------------------------------- common field of view on the canvas grid
-    s_d = np.asarray(recon.sampling, dtype=np.float64)
-    origin_d = (recon.positions_px - recon.positions / s_d).mean(0)
+    s_d, origin_d, grid, grid_A, ok = _deep_cdi_field_of_view(recon, min_coverage)
     height, width = recon.object_phase.shape
-    grid = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij"), -1)
-    grid = grid.reshape(-1, 2).astype(np.float64)
-    grid_A = (grid - origin_d) * s_d
-    coverage = np.asarray(recon.coverage, dtype=np.float64).ravel()
-    finite = np.isfinite(recon.object_phase).ravel()
-    ok = _inside_hull(recon.positions_px, grid) & finite
-    if ok.any():
-        ok &= coverage >= min_coverage * np.percentile(coverage[ok], 90)
-    r0, r1, c0, c1 = _largest_rectangle(ok.reshape(height, width))
-    if min(r1 - r0, c1 - c0) < MIN_FOV_PX:
-        raise ValueError(
-            f"the deep-CDI field of view is too small to compare: {int(ok.sum())} pixels covered at >= "
-            f"{min_coverage:g} of the typical coverage and no {MIN_FOV_PX}×{MIN_FOV_PX} pixel rectangle; "
-            "scan a larger area or lower min_coverage"
-        )
     ok &= _inside_hull(epie.positions_A / s_d + origin_d, grid)
     e_px = epie.to_pixels(grid_A)
     ok &= np.all((e_px >= 0) & (e_px <= np.asarray(epie.object.shape) - 1), axis=1)
