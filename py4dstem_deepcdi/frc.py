@@ -45,6 +45,9 @@ __all__ = ["FRCResult", "Registration", "fourier_ring_correlation", "half_bit_th
 
 _THRESHOLD_NAMES = {"half_bit": "half_bit", "half-bit": "half_bit", "halfbit": "half_bit", "1/2-bit": "half_bit"}
 
+#: rings after DC that may lie below a threshold before the curve first rises above it (apodisation dip)
+LEADING_RINGS = 1
+
 
 def half_bit_threshold(n_per_ring) -> np.ndarray:
     """Half-bit information threshold (van Heel & Schatz 2005) for rings of ``n`` Fourier pixels.
@@ -112,13 +115,15 @@ class FRCResult:
         return np.full(self.q.shape, value)
 
     def resolution(self, threshold: float | str = 0.143) -> float:
-        """Resolution in Å (``1 / q``) where the FRC first falls below ``threshold``.
+        """Resolution in Å (``1 / q``) where the FRC first falls below ``threshold`` after having been above it.
 
-        The search starts at the first ring after DC (ring 1) and skips empty/NaN rings; the crossing frequency is
-        interpolated linearly between the last ring above and the first ring below the threshold.
+        The search starts at the first ring after DC (ring 1) and skips empty/NaN rings. The lowest ring of a small,
+        apodised field of view can dip below the threshold (the window dominates it): up to ``LEADING_RINGS`` such
+        leading rings are passed over, and the crossing is the first fall below the threshold after the curve has
+        been above it, interpolated linearly between the last ring above and the first ring below.
 
         Returns NaN when the curve never falls below the threshold up to the Nyquist frequency (the resolution is
-        then at least ``2 * pixel_size``, the data cannot tell more). If it is already below at ring 1, returns
+        then at least ``2 * pixel_size``, the data cannot tell more). If it never rises above the threshold, returns
         ``1 / q[1]`` (the field of view: no resolution to speak of).
         """
         thr = self.threshold_curve(threshold)
@@ -128,13 +133,15 @@ class FRCResult:
             if not np.isfinite(d[k]):
                 continue
             if d[k] < 0:
-                if prev is None:
-                    return float(1.0 / self.q[k])
-                q0, q1, d0, d1 = self.q[prev], self.q[k], d[prev], d[k]
-                qc = q0 + (q1 - q0) * d0 / (d0 - d1)
-                return float(1.0 / qc)
-            prev = k
-        return float("nan")
+                if prev is not None:
+                    q0, q1, d0, d1 = self.q[prev], self.q[k], d[prev], d[k]
+                    qc = q0 + (q1 - q0) * d0 / (d0 - d1)
+                    return float(1.0 / qc)
+                if k > LEADING_RINGS:
+                    return float(1.0 / self.q[1])
+            else:
+                prev = k
+        return float("nan") if prev is not None else float(1.0 / self.q[1])
 
 
 class Registration(NamedTuple):

@@ -190,3 +190,17 @@ def test_bad_inputs_raise(rng):
         fourier_ring_correlation(a, a, 1.0, binning="cubic")
     with pytest.raises(ValueError, match="device"):
         fourier_ring_correlation(a, a, 1.0, device="tpu")
+
+
+def test_apodisation_dip_at_the_first_ring_is_passed_over():
+    from py4dstem_deepcdi.frc import FRCResult
+
+    q = np.arange(6) * 0.1
+    curve = np.array([np.nan, 0.3, 0.9, 0.8, 0.3, 0.1])
+    res = FRCResult(q=q, frc=curve, half_bit=np.full(6, 0.2), n_per_ring=np.full(6, 50), pixel_size=(1.0, 1.0),
+                    shape=(11, 11), shift=None)
+    # 0.5 is crossed between rings 3 (0.8) and 4 (0.3): q = 0.3 + 0.1 * 0.3 / 0.5 = 0.36 Å⁻¹
+    assert res.resolution(0.5) == pytest.approx(1 / 0.36)
+    never = FRCResult(q=q, frc=np.array([np.nan, 0.3, 0.2, 0.1, 0.0, 0.0]), half_bit=np.full(6, 0.2),
+                      n_per_ring=np.full(6, 50), pixel_size=(1.0, 1.0), shape=(11, 11), shift=None)
+    assert never.resolution(0.5) == pytest.approx(1 / 0.1)  # never above: the field of view
