@@ -1,0 +1,302 @@
+"""Inference: BatchNorm folding, bf16, prediction (masking, de-meaning, batching, streaming), input checks, cache."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from py4dstem_deepcdi import inference
+from py4dstem_deepcdi.inference import bf16_supported, fold_batchnorm_after, predict, predict_batches, prepare_network
+from py4dstem_deepcdi.models import DeepCDIModel
+from py4dstem_deepcdi.network import ResUNet
+from py4dstem_deepcdi.probe import ProbeGeometry
+from py4dstem_deepcdi.simulation import StreamConfig, TrainingStream
+
+WIDTH = 0.25
+
+
+def _randomise_batchnorms(network: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN: random affine parameters, then running statistics from a few training-mode forwards."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
+                module.momentum = 0.5
+        network.train()
+        for _ in range(4):
+            network(1.5 * torch.rand(16, 1, 32, 32, generator=generator) + 0.3)
+    network.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these networks are tiny, and on a shared 2-core machine a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def geometry_small():
+    return ProbeGeometry(300e3, 17.1, angular_sampling=2.0, aberrations={"C10": -100.0}, mask_threshold=0.1)
+
+
+@pytest.fixture(scope="module")
+def network():
+    torch.manual_seed(0)
+    net = ResUNet(width=WIDTH)
+    _randomise_batchnorms(net)
+    return net
+
+
+@pytest.fixture(scope="module")
+def amplitudes(geometry_small):
+    x, _ = TrainingStream(geometry_small, StreamConfig(batch_size=24), seed=3).batch(0)
+    return x[:, 0].numpy()
+
+
+@pytest.fixture
+def model(network, geometry_small):
+    return DeepCDIModel(network, geometry_small, {"name": "test"})
+
+
+def _reference(network: nn.Module, x: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return network(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None])
+
+
+# ------------------------------------------------------------------------------------------------ folding
+@pytest.mark.parametrize("transpose", [False, True])
+def test_fold_batchnorm_after_conv_and_transposed_conv(transpose):
+    torch.manual_seed(1)
+    conv_type = nn.ConvTranspose2d if transpose else nn.Conv2d
+    extra = {"output_padding": 1} if transpose else {}
+    conv = conv_type(3, 5, 3, stride=2, padding=1, **extra)  # in != out: a wrong weight axis cannot pass
+    bn = nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.2, 3.0)
+    bn.eval()
+    folded = fold_batchnorm_after(conv, bn)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        got = folded(x)
+    assert folded is not conv and folded.weight is not conv.weight
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_folded_fp32_equals_eval_network(network, amplitudes):
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    training, grads = network.training, [p.requires_grad for p in network.parameters()]
+    prepared = prepare_network(network, precision="fp32")
+    expected = _reference(network, amplitudes)
+    with torch.inference_mode():
+        got = prepared(torch.from_numpy(amplitudes)[:, None])
+    rel = float((got - expected).abs().max() / expected.abs().max())
+    print(f"folded fp32 vs eval network: max |diff| / max |out| = {rel:.2e}")
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert rel < 1e-5
+    # the caller's network is untouched: weights, statistics, mode, grad flags, module types
+    after = network.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert network.training == training and [p.requires_grad for p in network.parameters()] == grads
+    assert type(network.stem).__name__ == "ResidualBlock" and isinstance(network.drop, nn.Dropout)
+    # nothing is left to fold or drop out in the prepared copy
+    kinds = {type(m) for m in prepared.modules()}
+    assert nn.BatchNorm2d not in kinds and nn.Dropout not in kinds
+    assert not prepared.training and not any(p.requires_grad for p in prepared.parameters())
+
+
+def test_prepare_does_not_touch_a_training_mode_network():
+    torch.manual_seed(2)
+    net = ResUNet(width=WIDTH).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    prepare_network(net, precision="fp32")
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.skipif(not bf16_supported("cpu"), reason="no native bf16 on this CPU")
+@pytest.mark.parametrize("mode", ["weights", "autocast"])
+def test_bf16_close_to_fp32(network, amplitudes, mode):
+    fp32 = prepare_network(network, precision="fp32")
+    bf16 = prepare_network(network, precision="bf16", bf16_mode=mode)
+    x = torch.from_numpy(amplitudes)[:, None]
+    with torch.inference_mode():
+        a, b = fp32(x), bf16(x)
+    scale = float(a.abs().max())
+    rel_max = float((a - b).abs().max()) / scale
+    rel_mean = float((a - b).abs().mean()) / scale
+    print(f"bf16 ({mode}) vs fp32: max {rel_max:.2e}, mean {rel_mean:.2e} of max |output| {scale:.3f}")
+    assert b.dtype == torch.float32
+    assert 0 < rel_max < 0.05  # it does run in bf16 (not identical), and stays close (8-bit mantissa)
+    assert rel_mean < 0.01
+
+
+def test_bf16_falls_back_with_warning(network, monkeypatch):
+    monkeypatch.setattr(inference, "bf16_supported", lambda device="cpu": False)
+    with pytest.warns(RuntimeWarning, match="bfloat16"):
+        prepared = prepare_network(network, precision="bf16")
+    assert prepared.precision == "fp32" and next(prepared.parameters()).dtype == torch.float32
+
+
+def test_compile_failure_falls_back_to_eager(network, amplitudes, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        prepared = prepare_network(network, precision="fp32", compile=True)
+    assert not prepared.compiled
+    with torch.inference_mode():
+        got = prepared(torch.from_numpy(amplitudes[:4])[:, None])
+    assert torch.allclose(got, _reference(network, amplitudes[:4]), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_failing_at_first_call_falls_back_to_eager(model, amplitudes, monkeypatch):
+    calls = []
+
+    def lazy_broken(module, **kwargs):
+        def run(x):
+            calls.append(len(x))
+            raise RuntimeError("C++ compile error")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", lazy_broken)
+    inference.clear_cache(model)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ compile error"):
+        got = predict(model, amplitudes[:5], precision="fp32", compile=True, batch_size=8)
+    assert calls == [8]  # the short batch was padded to the compiled batch size
+    expected = predict(model, amplitudes[:5], precision="fp32", batch_size=8)
+    assert np.abs(got - expected).max() < 1e-6
+    prepared = model.__dict__[inference._CACHE_ATTRIBUTE][("fp32", "cpu", True)][1]
+    assert not prepared.compiled  # sticky: no second attempt
+
+
+def test_bad_precision_is_rejected(network):
+    with pytest.raises(ValueError, match="precision"):
+        prepare_network(network, precision="fp16")
+
+
+# ------------------------------------------------------------------------------------------------ predict
+def test_predict_masks_and_demeans(model, amplitudes):
+    mask = model.geometry.mask
+    out = predict(model, amplitudes, precision="fp32", batch_size=8)
+    assert out.dtype == np.float32 and out.shape == amplitudes.shape
+    assert np.all(out[:, ~mask] == 0)
+    assert np.abs(out[:, mask].mean(axis=1)).max() < 1e-6
+    raw = _reference(model.network, amplitudes)[:, 0].numpy()
+    inside = raw[:, mask]
+    expected = np.zeros_like(raw)
+    expected[:, mask] = inside - inside.mean(axis=1, keepdims=True)
+    scale = np.abs(expected).max()
+    assert scale > 0
+    assert np.abs(out - expected).max() < 1e-5 * scale
+
+
+def test_predict_accepts_torch_and_float64(model, amplitudes):
+    a = predict(model, amplitudes, precision="fp32", batch_size=8)
+    b = predict(model, torch.from_numpy(amplitudes.astype(np.float64)), precision="fp32", batch_size=8)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_batch_size_does_not_change_the_result(model, amplitudes):
+    one = predict(model, amplitudes[:6], precision="fp32", batch_size=1)
+    many = predict(model, amplitudes[:6], precision="fp32", batch_size=1000)
+    scale = np.abs(many).max()
+    assert np.abs(one - many).max() < 1e-5 * scale
+
+
+def test_streaming_equals_one_call(model, amplitudes):
+    whole = predict(model, amplitudes, precision="fp32", batch_size=8)
+    chunks = (amplitudes[s:e] for s, e in ((0, 5), (5, 19), (19, 24)))
+    parts = list(predict_batches(model, chunks, precision="fp32", batch_size=8))
+    assert [len(p) for p in parts] == [5, 14, 5]
+    scale = np.abs(whole).max()
+    assert np.abs(np.concatenate(parts) - whole).max() < 1e-5 * scale
+
+
+def test_predict_bf16_default_close_to_fp32(model, amplitudes):
+    fp32 = predict(model, amplitudes, precision="fp32", batch_size=8)
+    default = predict(model, amplitudes, progress=True, batch_size=8)
+    diff = np.abs(default - fp32)[:, model.geometry.mask]
+    scale = np.abs(fp32).max()
+    print(f"predict bf16 vs fp32: max {diff.max():.2e} rad, mean {diff.mean():.2e} rad, max |phase| {scale:.3f} rad")
+    assert diff.max() < 0.1 * scale and diff.mean() < 0.02 * scale
+    assert np.all(default[:, ~model.geometry.mask] == 0)
+
+
+def test_prepared_network_is_cached_and_refreshed(model, amplitudes):
+    inference.clear_cache(model)
+    predict(model, amplitudes[:8], precision="fp32", batch_size=8)
+    cache = model.__dict__[inference._CACHE_ATTRIBUTE]
+    first = cache[("fp32", "cpu", False)][1]
+    predict(model, amplitudes[:8], precision="fp32", batch_size=8)
+    assert cache[("fp32", "cpu", False)][1] is first  # not refolded
+    # changing the weights in place (as load_state_dict or an optimiser step does) refolds
+    network = ResUNet(width=WIDTH)
+    _randomise_batchnorms(network, seed=5)
+    changed = DeepCDIModel(network, model.geometry)
+    before = predict(changed, amplitudes[:8], precision="fp32", batch_size=8)
+    with torch.no_grad():
+        network.head[1].conv2.bias.add_(0.5)
+        network.head[1].conv2.weight.mul_(2.0)
+    after = predict(changed, amplitudes[:8], precision="fp32", batch_size=8)
+    expected = _reference(network, amplitudes[:8])[:, 0].numpy()
+    mask = model.geometry.mask
+    expected = (expected - expected[:, mask].mean(1)[:, None, None]) * mask
+    assert np.abs(after - before).max() > 1e-3
+    assert np.abs(after - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.ones((4, 16, 16), np.float32), r"\(J, 32, 32\).*detector shape is \(32, 32\)"),
+        (np.ones((32, 32), np.float32), r"\(J, 32, 32\).*single pattern"),
+        (np.ones((2, 3, 32, 32), np.float32), r"\(J, 32, 32\).*Rx·Ry"),
+        (np.ones((4, 32, 32), np.int32), "floating point"),
+        (torch.ones((4, 32, 32), dtype=torch.int64), "floating point"),
+    ],
+)
+def test_bad_shapes_and_dtypes(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        predict(model, bad)
+
+
+@pytest.mark.parametrize("value, match", [(np.nan, "NaN or inf"), (np.inf, "NaN or inf"), (-0.1, "negative")])
+def test_bad_values(model, amplitudes, value, match):
+    bad = amplitudes[:6].copy()
+    bad[4, 3, 5] = value
+    with pytest.raises(ValueError, match=match + r".*pattern 4"):
+        predict(model, bad, precision="fp32", batch_size=4)
+
+
+def test_streaming_names_the_bad_chunk(model, amplitudes):
+    chunks = [amplitudes[:3], amplitudes[:3, :16, :16]]
+    with pytest.raises(ValueError, match="chunk 1"):
+        list(predict_batches(model, chunks, precision="fp32"))
+
+
+def test_bad_batch_size(model, amplitudes):
+    with pytest.raises(ValueError, match="batch_size"):
+        predict(model, amplitudes, batch_size=0)
+
+
+@pytest.mark.slow
+def test_real_compile_matches_eager(model, amplitudes):
+    """torch.compile for real (a minute or more on 2 cores): same phases as eager, padded last batch included."""
+    inference.clear_cache(model)
+    eager = predict(model, amplitudes, precision="fp32", batch_size=16)
+    compiled = predict(model, amplitudes, precision="fp32", batch_size=16, compile=True)
+    prepared = model.__dict__[inference._CACHE_ATTRIBUTE][("fp32", "cpu", True)][1]
+    assert prepared.compiled
+    assert np.abs(compiled - eager).max() < 1e-4 * np.abs(eager).max()
