@@ -102,14 +102,17 @@ class ForwardModel:
         else:
             exit_wave = exit_wave * probe
         far_field = torch.view_as_real(torch.fft.fft2(exit_wave))  # already unitary and fftshifted (see __init__)
-        intensity = far_field[..., 0].square()
-        return intensity.addcmul_(far_field[..., 1], far_field[..., 1])
+        real, imag = far_field[..., 0], far_field[..., 1]
+        return torch.mul(real, real).addcmul_(imag, imag)
 
     def target(self, phase: torch.Tensor) -> torch.Tensor:
         """Phase inside the illuminated mask with its mean over the mask removed, 0 outside (B, N, N)."""
+        return self._target(phase)
+
+    def _target(self, phase: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         mask = self.mask.to(phase.dtype)
         mean = (phase.flatten(-2) @ mask.flatten()) / mask.sum()
-        return (phase - mean[..., None, None]).mul_(mask)
+        return torch.mul(phase - mean[..., None, None], mask, out=out)
 
 
 @dataclass
@@ -152,11 +155,34 @@ def _seed_for(*parts: int) -> int:
     return zlib.crc32(np.asarray(parts, dtype=np.int64).tobytes()) | (int(parts[0]) % (2**31)) << 32
 
 
+#: The phase objects come from banks of at least ``_BANK_IMAGES`` source images, each bank serving the consecutive
+#: batches that use each of its images ``_BANK_USES`` times on average, every time turned by a random one of the 8
+#: symmetries of the square (4 of the rectangle): the objects cost 1/_BANK_USES of fresh ones. 0: fresh objects.
+_BANK_IMAGES = 1024
+_BANK_USES = 8
+
+
+def _turned(images: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """``images`` (B, H, W) each turned in place by one of the symmetries of the square: ``turn`` 0-3 flip the rows
+    (bit 1) and/or the columns (bit 2), 4-7 transpose first (H = W only)."""
+    for t in range(1, 8):
+        idx = torch.nonzero(turn == t).flatten()
+        if len(idx):
+            sub = images.index_select(0, idx)
+            if t & 4:
+                sub = sub.transpose(-2, -1)
+            dims = [d for d, bit in ((-2, 1), (-1, 2)) if t & bit]
+            images.index_copy_(0, idx, sub.flip(dims) if dims else sub.contiguous())
+    return images
+
+
 class TrainingStream:
     """Endless, seeded stream of ``(input, target)`` batches, each of shape (B, 1, N, N), float32.
 
     Batch ``k`` depends only on ``(seed, worker, k)``, so a stream restarted at ``start`` reproduces the same
-    batches (exact resume), and workers with different ``worker`` ids draw different data.
+    batches (exact resume), and workers with different ``worker`` ids draw different data. The phase objects of
+    consecutive batches are drawn, with random symmetries of the square, from a bank of fresh source images, each
+    used about 8 times (see ``_BANK_USES``); phase scale, dose and Poisson noise are drawn for every sample.
     """
 
     def __init__(
@@ -172,22 +198,67 @@ class TrainingStream:
         self.config = config or StreamConfig()
         self.source = default_source(self.config.image_folder, self.config.mix)
         self.seed, self.worker, self.index = int(seed), int(worker), int(start)
+        self._bank: tuple[tuple[int, int], torch.Tensor] | None = None  # ((bank number, batch size), images)
 
     def batch(self, index: int, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch with number ``index`` (inputs, targets), reproducible."""
+        """The batch with number ``index`` (inputs, targets), reproducible.
+
+        The objects come from a bank of images shared by consecutive batches. On the CPU the batch is simulated with
+        single-threaded torch operations: they are too small to gain from intra-op threads, which only wait for each
+        other on a busy machine (run several workers for more).
+        """
+        n = int(batch_size or self.config.batch_size)
+        shape = self.model.geometry.detector_shape
+        x = torch.empty(n, 1, *shape, device=self.model.device)
+        y = torch.empty(n, 1, *shape, device=self.model.device)
+        threads = torch.get_num_threads()
+        single = self.model.device.type == "cpu" and threads > 1
+        if single:
+            torch.set_num_threads(1)
+        try:
+            bank = self._images_for(index, n)
+            self._simulate(x[:, 0], y[:, 0], _seed_for(self.seed, self.worker, index), bank)
+        finally:
+            if single:
+                torch.set_num_threads(threads)
+        return x, y
+
+    def _images_for(self, index: int, n: int) -> torch.Tensor | None:
+        """The bank of object images (values in [0, 1]) of batch ``index`` of ``n`` samples, made when first needed."""
+        if _BANK_USES < 1:
+            return None
+        size = max(_BANK_IMAGES, n)
+        key = (index // max(1, round(_BANK_USES * size / n)), n)  # (bank number, batch size)
+        if self._bank is None or self._bank[0] != key:
+            geometry = self.model.geometry
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(_seed_for(self.seed, self.worker, key[0], -1))  # never a batch's seed
+            self._bank = None  # free the old bank first
+            self._bank = (key, self.source.sample(size, geometry.detector_shape, geometry.sampling, generator))
+        return self._bank[1]
+
+    def _simulate(self, x: torch.Tensor, y: torch.Tensor, seed: int, bank: torch.Tensor | None) -> None:
+        """Fill ``x`` (network inputs) and ``y`` (targets), (B, N, N) each, with the samples of one random stream."""
         config = self.config
-        n = int(batch_size or config.batch_size)
+        n = len(x)
         geometry = self.model.geometry
-        generator = torch.Generator(device=self.model.device).manual_seed(_seed_for(self.seed, self.worker, index))
-        images = self.source.sample(n, geometry.detector_shape, geometry.sampling, generator)
+        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        device = generator.device
+        if bank is None:
+            images = self.source.sample(n, geometry.detector_shape, geometry.sampling, generator)
+        else:
+            pick = torch.randint(len(bank), (n,), generator=generator, device=device)
+            turns = 8 if bank.shape[-1] == bank.shape[-2] else 4
+            images = _turned(bank.index_select(0, pick), torch.randint(turns, (n,), generator=generator, device=device))
         lo, hi = config.phase_max_range
-        phase_max = lo + (hi - lo) * torch.rand(n, 1, 1, generator=generator, device=generator.device)
+        phase_max = lo + (hi - lo) * torch.rand(n, 1, 1, generator=generator, device=device)
         phase = images.mul_(phase_max)
         log_lo, log_hi = math.log(config.electrons_range[0]), math.log(config.electrons_range[1])
-        electrons = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=generator, device=generator.device))
+        electrons = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=generator, device=device))
         counts = _poisson(self.model.intensity(phase).mul_(electrons[:, None, None]), generator)
-        x = counts.mul_((geometry.detector_shape[0] * geometry.detector_shape[1] / electrons)[:, None, None]).sqrt_()
-        return x[:, None], self.model.target(phase)[:, None]
+        n_pixels = geometry.detector_shape[0] * geometry.detector_shape[1]
+        torch.sqrt(counts.mul_((n_pixels / electrons)[:, None, None]), out=x)  # network_input
+        self.model._target(phase, out=y)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
@@ -200,128 +271,110 @@ class TrainingStream:
 
 # ---------------------------------------------------------------------------------------------- Poisson counts
 
-_TABLE_RATE = 16.0  # below: table-guided inversion; from here on: transformed rejection (PTRS, valid for λ >= 10)
-_RATE_CELLS = 1024  # λ cells of 1/64: λ·64 is exact in float32
-_UNIFORM_CELLS = 1024  # uniform cells of 1/1024: exact, torch.rand floats are multiples of 2^-24
-_INVERSION_TABLE: list[torch.Tensor] = []
+_TABLE_RATE = 16.0  # rates below: inversion guided by tables; from here on: torch.poisson (transformed rejection)
+_RATE_CELLS = 1024  # λ cells of 1/64 (λ·64 is exact in float32)
+_UNIFORM_BITS = 10  # uniform cells of 2^-10
+_K_MAX = 64  # F(63; 16) = 1 - 1e-20: no count below λ = 16 reaches it
+_TABLES: dict[str, torch.Tensor] = {}
 
 
-def _inversion_table() -> torch.Tensor:
-    """Poisson quantiles per cell of (λ, u): ``k`` where ``min{k: u < F(k; λ)}`` is the same all over the cell,
-    -1 where it is not (and in the last row, λ >= _TABLE_RATE). Flat int8, row-major (λ cell, u cell)."""
-    if not _INVERSION_TABLE:
-        rate = torch.arange(_RATE_CELLS + 1, dtype=torch.float64) * (_TABLE_RATE / _RATE_CELLS)  # cell edges
-        k = torch.arange(64, dtype=torch.float64)
-        log_pmf = -rate[:, None] + k * torch.log(rate[:, None].clamp_min(1e-300)) - torch.lgamma(k + 1)
-        cdf = torch.exp(log_pmf).cumsum(1)
-        cdf[0] = 1.0  # λ = 0
-        u = torch.arange(_UNIFORM_CELLS + 1, dtype=torch.float64) / _UNIFORM_CELLS
-        quantile = torch.searchsorted(cdf, u.expand(_RATE_CELLS + 1, -1).contiguous(), right=True)
-        # the quantile grows with λ and u: one value over a cell if its two extreme corners agree
-        low, high = quantile[:-1, :-1], quantile[1:, 1:]
-        table = torch.where(low == high, low, -1).to(torch.int8)
-        _INVERSION_TABLE.append(torch.cat([table, torch.full((1, _UNIFORM_CELLS), -1, dtype=torch.int8)]).flatten())
-    return _INVERSION_TABLE[0]
+def _poisson_tables() -> dict[str, torch.Tensor]:
+    """The tables of the CPU Poisson sampler, built once.
 
-
-def _poisson_inversion(rate: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``min{k: u < F(k; λ)}`` by sequential search in float64 (for λ < _TABLE_RATE)."""
-    rate, u = rate.double(), u.double()
-    p = torch.exp(-rate)
-    cdf = p.clone()
-    k = out = torch.zeros_like(rate)
-    todo = None  # the elements in k, rate, ... (None: all)
-    for j in range(1, 200):
-        more = cdf <= u
-        if not bool(more.any()):
-            break
-        if j % 8 == 0:  # drop the finished elements now and then
-            keep = more.nonzero().flatten()
-            if todo is not None:
-                out.index_copy_(0, todo, k)
-            todo = keep if todo is None else todo[keep]
-            rate, u, p, cdf, k, more = (t[keep] for t in (rate, u, p, cdf, k, more))
-        k += more
-        p *= rate / j
-        cdf += p
-    return out if todo is None else out.index_copy_(0, todo, k)
-
-
-def _poisson_ptrs(rate: torch.Tensor, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Poisson counts for λ >= 10 by Hörmann's transformed rejection with squeeze (PTRS, 1993), vectorised.
-
-    ``v`` holds one uniform per element for the first attempt. Elements rejected get several attempts per round
-    after that (the first accepted one counts), so few rounds are needed.
+    ``cell`` (int8, row-major (λ cell, u cell)): the count ``min{k: u < F(k; λ)}`` where it is the same all over
+    the cell; where it is not, ``-2 - k_lo`` with ``k_lo`` its smallest value; -1 in the last row (λ >= 16).
+    ``cdf`` (float64, (λ cell edge, k)): F(k; λ) at the cell edges. ``log_factorial``: log k!.
     """
-    out = torch.empty_like(rate)
-    todo = None  # the elements still without a count (None: all)
-    attempts = 1
-    while True:
-        lam = rate if todo is None else rate.index_select(0, todo)
-        m = lam.numel()
-        if m == 0:
-            return out
-        lam = lam[:, None]
-        b = lam.sqrt().mul_(2.53).add_(0.931)
-        a = b.mul(0.02483).sub_(0.059)
-        vr = (b - 2).reciprocal_().mul_(-3.6224).add_(0.9277)
-        u = torch.rand(m, attempts, generator=generator).sub_(0.5)
-        if v is None:
-            v = torch.rand(m, attempts, generator=generator)
-        else:
-            v = v[:, None]
-        us = u.abs().neg_().add_(0.5)
-        k = torch.div(a * 2, us).add_(b).mul_(u).add_(lam).add_(0.43).floor_()
-        accept = (us >= 0.07) & (v <= vr)
-        slow = (~accept).nonzero()
-        if len(slow):
-            row, col = slow[:, 0], slow[:, 1]
-            ks, uss, vs = k[row, col].double(), us[row, col].double(), v[row, col].double()
-            ls, bs = lam[row, 0].double(), b[row, 0].double()
-            as_ = bs * 0.02483 - 0.059
-            inv_alpha = 1.1239 + 1.1328 / (bs - 3.4)
-            lhs = torch.log(vs * inv_alpha / (as_ / (uss * uss) + bs))
-            rhs = -ls + ks * torch.log(ls) - torch.lgamma(ks + 1)
-            ok = (ks >= 0) & ((uss >= 0.013) | (vs <= uss)) & (lhs <= rhs)
-            accept[row, col] = ok
-        if attempts == 1:
-            done, count = accept[:, 0], k[:, 0]
-        else:
-            done = accept.any(1)
-            count = k.gather(1, accept.to(torch.uint8).argmax(1, keepdim=True))[:, 0]
-        if todo is None:
-            out.copy_(count)
-            todo = (~done).nonzero().flatten()
-        else:
-            out.index_copy_(0, todo, count)  # the rejected ones are overwritten later
-            todo = todo[~done]
-        v, attempts = None, (2 if attempts == 1 else 4)
+    if not _TABLES:
+        rate = torch.arange(_RATE_CELLS + 1, dtype=torch.float64) * (_TABLE_RATE / _RATE_CELLS)  # cell edges
+        k = torch.arange(_K_MAX, dtype=torch.float64)
+        log_factorial = torch.lgamma(k + 1)
+        cdf = torch.exp(-rate[:, None] + k * torch.log(rate[:, None].clamp_min(1e-300)) - log_factorial).cumsum(1)
+        cdf[0] = 1.0  # λ = 0
+        u = torch.arange(2**_UNIFORM_BITS + 1, dtype=torch.float64) / 2**_UNIFORM_BITS
+        quantile = torch.searchsorted(cdf, u.expand(_RATE_CELLS + 1, -1).contiguous(), right=True)
+        # the quantile grows with λ and u: it is one value over a cell if the cell's extreme corners agree
+        low, high = quantile[:-1, :-1], quantile[1:, 1:]
+        cell = torch.where(low == high, low, -2 - low)
+        cell = torch.cat([cell, torch.full((1, 2**_UNIFORM_BITS), -1, dtype=cell.dtype)])
+        _TABLES.update(cell=cell.to(torch.int8).flatten(), cdf=cdf.flatten(), log_factorial=log_factorial)
+    return _TABLES
+
+
+def _poisson_ambiguous(rate: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``min{k: u < F(k; λ)}`` for λ < 16, from a lower bound ``k`` of it (float64 throughout).
+
+    ``F(j; λ) = F(j; λ0) - ∫ pmf(j; t) dt`` over [λ0, λ], λ0 the lower edge of λ's cell, where the integrand is
+    monotone: ``F(j; λ)`` lies between the tabulated ``F(j; λ0)`` minus (λ - λ0) times the larger or the smaller
+    end value. Two such steps up from ``k`` decide almost all; the few others sum the probabilities.
+    """
+    tables = _poisson_tables()
+    lam, u, k = rate.double(), u.double(), k.double()
+    row = torch.floor(lam * (_RATE_CELLS / _TABLE_RATE))
+    lam0 = row * (_TABLE_RATE / _RATE_CELLS)
+    log_lam, log_lam0 = lam.clamp_min(1e-300).log(), lam0.clamp_min(1e-300).log()
+    state = (k, lam, lam0, log_lam, log_lam0, row, u)
+    todo = None  # the elements still counting up (None: all)
+    unsure = []
+    for _ in range(2):
+        j, l, l0, ll, ll0, r, uu = state if todo is None else (t.index_select(0, todo) for t in state)
+        log_f = tables["log_factorial"].index_select(0, j.long())
+        p0, p1 = torch.exp(j * ll0 - l0 - log_f), torch.exp(j * ll - l - log_f)
+        f0 = tables["cdf"].index_select(0, (r * _K_MAX + j).long())
+        high = f0 - (l - l0) * torch.minimum(p0, p1) + 1e-12
+        low = f0 - (l - l0) * torch.maximum(p0, p1) - 1e-12
+        above = high <= uu  # F(j; λ) <= u for sure: the count is above j
+        maybe, above = (~above & (low <= uu)).nonzero().flatten(), above.nonzero().flatten()
+        unsure.append(maybe if todo is None else todo.index_select(0, maybe))
+        todo = above if todo is None else todo.index_select(0, above)
+        k.index_add_(0, todo, torch.ones_like(todo, dtype=k.dtype))
+    todo = torch.cat([*unsure, todo])  # undecided, or still counting up
+    if len(todo):
+        i = torch.arange(_K_MAX, dtype=torch.float64)
+        lt = lam.index_select(0, todo)[:, None]
+        cdf = torch.exp(i * lt.clamp_min(1e-300).log() - lt - tables["log_factorial"]).cumsum(1)
+        k.index_copy_(0, todo, (cdf <= u.index_select(0, todo)[:, None]).sum(1).double())
+    return k
 
 
 def _poisson(rate: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Poisson counts with means ``rate`` (>= 0), float32, exact.
 
-    On a GPU this is ``torch.poisson``. On the CPU, where that samples element by element, a vectorised sampler:
-    inversion ``min{k: u < F(k; λ)}`` looked up in a table of (λ, u) cells where the cell decides ``k``, by sequential
-    search where it does not (a few percent), and Hörmann's PTRS rejection for λ >= 16.
+    ``torch.poisson`` on a GPU. On the CPU it draws element by element with a slow method below λ = 10, so there
+    counts below λ = 16 are found by inversion, ``min{k: u < F(k; λ)}``, read from a table of (λ, u) cells where the
+    cell decides ``k`` and bracketed from tabulated F where it does not (a few percent); ``torch.poisson`` (Hörmann's
+    transformed rejection) draws the rest.
     """
     if rate.device.type != "cpu":
         return torch.poisson(rate, generator=generator)
+    tables = _poisson_tables()
     flat = rate.reshape(-1).float()
-    u = torch.rand(flat.shape, generator=generator)
-    cell = (flat * (_RATE_CELLS / _TABLE_RATE)).clamp_(max=_RATE_CELLS).to(torch.int32).mul_(_UNIFORM_CELLS)
-    cell += (u * _UNIFORM_CELLS).to(torch.int32)
-    quantile = _inversion_table().index_select(0, cell)
+    m = flat.numel()
+    # the uniforms' top 10 bits pick the cell: three from each 31-bit random number
+    third = -(-m // 3)
+    bits = torch.empty(third, dtype=torch.int32).random_(generator=generator)
+    top = torch.empty(3, third, dtype=torch.int32)
+    torch.bitwise_right_shift(bits, 21, out=top[0])
+    torch.bitwise_right_shift(bits, 11, out=top[1]).bitwise_and_(1023)
+    torch.bitwise_right_shift(bits, 1, out=top[2]).bitwise_and_(1023)
+    top = top.flatten()[:m]
+    cell = (flat * (_RATE_CELLS / _TABLE_RATE)).clamp_(max=_RATE_CELLS).to(torch.int32).mul_(2**_UNIFORM_BITS)
+    quantile = tables["cell"].index_select(0, cell.add_(top))
     out = quantile.to(torch.float32)
     rest = (quantile < 0).nonzero().flatten()
     if len(rest):
-        lam, v = flat[rest], u[rest]
-        big = lam >= _TABLE_RATE
-        large, small = big.nonzero().flatten(), (~big).nonzero().flatten()
-        if len(large):
-            out.index_copy_(0, rest[large], _poisson_ptrs(lam[large], v[large], generator))
+        code = quantile.index_select(0, rest)
+        large = code == -1
+        big, small = rest.index_select(0, large.nonzero().flatten()), (~large).nonzero().flatten()
+        if len(big):
+            out.index_copy_(0, big, torch.poisson(flat.index_select(0, big), generator=generator))
         if len(small):
-            out.index_copy_(0, rest[small], _poisson_inversion(lam[small], v[small]).float())
+            k_lo = (-2 - code.index_select(0, small)).double()
+            small = rest.index_select(0, small)
+            # the rest of the uniform: 14 more bits
+            low = torch.empty(len(small), dtype=torch.int32).random_(generator=generator).bitwise_right_shift_(17)
+            u = top.index_select(0, small).double().mul_(2.0**14).add_(low).mul_(2.0**-24)
+            out.index_copy_(0, small, _poisson_ambiguous(flat.index_select(0, small), u, k_lo).float())
     return out.reshape(rate.shape)
 
 

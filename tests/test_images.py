@@ -79,3 +79,51 @@ def test_noise_and_mixture_weights():
         MixedSource([NoiseSource()], [1.0, 2.0])
     with pytest.raises(ValueError, match="unknown training-set sources"):
         default_source(mix={"cats": 1.0})
+
+
+def test_blur_matrices_equal_the_fft_blur_of_the_padded_grid():
+    import math
+
+    from py4dstem_deepcdi.images import _blur_matrices
+
+    g = torch.Generator().manual_seed(0)
+    for grid, shape, sampling in [((46, 46), (32, 32), (0.3, 0.3)), ((45, 50), (31, 36), (0.2, 0.25))]:
+        sigma = 0.15 + 0.35 * torch.rand(4, generator=g)
+        image = torch.rand(4, *grid, generator=g)
+        bx, by = _blur_matrices(sigma, grid, shape, sampling)
+        out = bx @ image @ by.transpose(-1, -2)
+        qx = torch.fft.fftfreq(grid[0], d=sampling[0])[:, None]
+        qy = torch.fft.fftfreq(grid[1], d=sampling[1])[None, :]
+        transfer = torch.exp(-2 * math.pi**2 * sigma[:, None, None] ** 2 * (qx**2 + qy**2))
+        expected = torch.fft.ifft2(torch.fft.fft2(image) * transfer).real
+        r0, c0 = (grid[0] - shape[0]) // 2, (grid[1] - shape[1]) // 2
+        np.testing.assert_allclose(out.numpy(), expected[:, r0 : r0 + shape[0], c0 : c0 + shape[1]].numpy(), atol=1e-5)
+
+
+def test_lattice_sites_are_exactly_the_sites_inside_the_rectangle():
+    from py4dstem_deepcdi.images import _lattice_sites
+
+    g = torch.Generator().manual_seed(1)
+    extent = (14.2, 11.7)
+    n = 6
+    a = 1.2 + 2.8 * torch.rand(n, generator=g)
+    angle = 2 * np.pi * torch.rand(n, generator=g)
+    gamma = np.pi / 3 + np.pi / 6 * torch.rand(n, generator=g)
+    cells = torch.stack(
+        [torch.stack([torch.cos(angle), torch.sin(angle)], -1) * a[:, None],
+         torch.stack([torch.cos(angle + gamma), torch.sin(angle + gamma)], -1) * (a * 1.1)[:, None]], 1
+    )  # fmt: skip
+    origin = 2 * torch.rand(n, 2, generator=g)
+    lattice, x, y = _lattice_sites(cells, origin, extent)
+    idx = torch.arange(-60, 61, dtype=torch.float64)
+    for s in range(n):
+        i, j = torch.meshgrid(idx, idx, indexing="ij")
+        c = cells[s].double()
+        pos = (i.flatten()[:, None] + origin[s, 0]) * c[0] + (j.flatten()[:, None] + origin[s, 1]) * c[1]
+        pos = pos + torch.tensor(extent, dtype=torch.float64) / 2
+        inside = (pos[:, 0] >= 0) & (pos[:, 0] < extent[0]) & (pos[:, 1] >= 0) & (pos[:, 1] < extent[1])
+        expected = pos[inside]
+        got = torch.stack([x[lattice == s], y[lattice == s]], -1).double()
+        assert len(got) == len(expected) > 0
+        order = lambda p: p[torch.argsort(p[:, 0] * 1000 + p[:, 1])]  # noqa: E731
+        np.testing.assert_allclose(order(got).numpy(), order(expected).numpy(), atol=1e-4)

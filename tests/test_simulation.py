@@ -210,3 +210,106 @@ def test_ptychography_contract_with_py4dstem_epie(geometry):
     assert corr(rec, truth[::-1, ::-1]) < 0.5  # not flipped
     assert corr(rec, truth.T) < 0.5  # not transposed
     assert corr(-rec, truth) < 0  # not conjugated
+
+
+def test_intensity_equals_shifted_unitary_fft_for_odd_and_even_shapes():
+    # the fftshift and the unitary norm are folded into the probe: check against the plain formula
+    from py4dstem_deepcdi.probe import ProbeGeometry
+
+    geometry = ProbeGeometry(300e3, 17.1, detector_shape=(33, 30), angular_sampling=2.0, aberrations={"C10": -100.0})
+    model = ForwardModel(geometry)
+    phase = random_phase(3, seed=7, shape=(33, 30))
+    shifts = torch.tensor([[0.3, -0.7], [1.0, 2.0], [0.0, 0.0]])
+    for shifts_px in (None, shifts):
+        probe = model.probe[None] if shifts_px is None else model.shifted_probes(shifts_px)
+        far = torch.fft.fft2(probe * torch.exp(1j * phase), norm="ortho")
+        expected = torch.fft.fftshift(far.abs() ** 2, dim=(-2, -1))
+        np.testing.assert_allclose(model.intensity(phase, shifts_px).numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_cpu_poisson_sampler_is_exact_inversion():
+    # below λ = 16 the sampler returns min{k: u < F(k; λ)} for its uniform u: compare with a direct float64 inversion
+    from py4dstem_deepcdi.simulation import _K_MAX, _poisson_ambiguous, _poisson_tables
+
+    tables = _poisson_tables()
+    g = torch.Generator().manual_seed(2)
+    m = 200_000
+    lam = torch.rand(m, generator=g) * 16
+    lam[:1024] = torch.arange(1024) / 64.0  # the cell edges
+    u24 = torch.randint(0, 2**24, (m,), generator=g)
+    cell = (lam * 64).to(torch.int64) * 1024 + (u24 >> 14)
+    code = tables["cell"][cell].long()
+    u = u24.double() * 2.0**-24
+    k = code.double()
+    ambiguous = code <= -2
+    assert 0 < float(ambiguous.double().mean()) < 0.06
+    k[ambiguous] = _poisson_ambiguous(lam[ambiguous], u[ambiguous], (-2 - code[ambiguous]).double())
+    i = torch.arange(_K_MAX, dtype=torch.float64)
+    log_pmf = i * lam.double()[:, None].clamp_min(1e-300).log() - lam.double()[:, None] - torch.lgamma(i + 1)
+    expected = (torch.exp(log_pmf).cumsum(1) <= u[:, None]).sum(1).double()
+    assert torch.equal(k, expected)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.002, 0.7, 5.3, 15.99, 16.0, 140.0, 5000.0])
+def test_cpu_poisson_counts_follow_the_poisson_law(lam):
+    from scipy import stats
+
+    from py4dstem_deepcdi.simulation import _poisson
+
+    counts = _poisson(torch.full((400_000,), lam), torch.Generator().manual_seed(3)).numpy()
+    assert np.all(counts == np.round(counts)) and counts.min() >= 0
+    if lam == 0:
+        assert counts.max() == 0
+        return
+    values, observed = np.unique(counts.astype(int), return_counts=True)
+    expected = stats.poisson.pmf(values, lam) * len(counts)
+    keep = expected > 20
+    chi2 = (((observed - expected) ** 2 / expected)[keep]).sum()
+    assert stats.chi2.sf(chi2, max(keep.sum() - 1, 1)) > 1e-4
+    assert counts.mean() == pytest.approx(lam, abs=5 * np.sqrt(lam / len(counts)))
+    assert counts.var() == pytest.approx(lam, rel=5 * np.sqrt(1 / (lam * len(counts)) + 2 / len(counts)))
+
+
+@pytest.mark.parametrize("bank_uses", [8, 0])
+def test_stream_batch_does_not_depend_on_the_number_of_threads(geometry, monkeypatch, bank_uses):
+    import py4dstem_deepcdi.simulation as sim
+
+    monkeypatch.setattr(sim, "_BANK_USES", bank_uses)  # 0: fresh images for every sample
+    stream = TrainingStream(geometry, StreamConfig(batch_size=600), seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        x1, y1 = stream.batch(3)
+        torch.set_num_threads(2)
+        x2, y2 = stream.batch(3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.get_num_threads() == threads
+    assert not torch.equal(x1[:300], x1[300:])  # the two halves draw different samples
+
+
+def test_turned_applies_the_symmetries_of_the_square():
+    from py4dstem_deepcdi.simulation import _turned
+
+    images = torch.rand(8, 5, 5)
+    expected = [images[0], images[1].flip(-2), images[2].flip(-1), images[3].flip(-2, -1),
+                images[4].T, images[5].T.flip(-2), images[6].T.flip(-1), images[7].T.flip(-2, -1)]  # fmt: skip
+    turned = _turned(images.clone(), torch.arange(8))
+    for t in range(8):
+        assert torch.equal(turned[t], expected[t])
+
+
+def test_stream_objects_come_from_a_shared_bank(geometry):
+    import py4dstem_deepcdi.simulation as sim
+
+    n = 256
+    period = round(sim._BANK_USES * max(sim._BANK_IMAGES, n) / n)  # batches served by one bank
+    stream = TrainingStream(geometry, StreamConfig(batch_size=n), seed=5)
+    stream.batch(0)
+    bank = stream._bank[1]
+    assert bank.shape == (max(sim._BANK_IMAGES, n), 32, 32)
+    stream.batch(period - 1)
+    assert stream._bank[1] is bank  # the same bank serves the next batches
+    stream.batch(period)
+    assert stream._bank[1] is not bank and not torch.equal(stream._bank[1], bank)

@@ -1,0 +1,64 @@
+"""The shipped model's image quality on datasets simulated by the package (ground truth known)."""
+
+import pytest
+import torch
+
+from py4dstem_deepcdi.comparison import score_reconstruction
+from py4dstem_deepcdi.models import list_pretrained, load_pretrained
+from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
+from py4dstem_deepcdi.simulation import simulate_dataset
+
+#: correlation with the ground truth the shipped model must reach on a simulated lattice (see docs/models.md)
+MIN_CORRELATION = 0.9
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_pretrained("hbn-300kv-17mrad")
+
+
+def test_shipped_model_is_listed_with_its_metadata(model):
+    info = list_pretrained()["hbn-300kv-17mrad"]
+    g = info["geometry"]
+    assert g["energy_eV"] == 300e3 and g["semiangle_cutoff_mrad"] == 17.1 and g["detector_shape"] == [32, 32]
+    assert g["aberrations"]["C10"] == -100.0
+    training = model.metadata["training"]
+    assert training["samples"] > 100_000
+    assert training["val_l1"] < 0.6 * training["val_l1_zero"]  # far better than predicting zero
+    assert model.metadata["version"]
+    with pytest.raises(ValueError, match="no shipped model named"):
+        load_pretrained("nonexistent")
+
+
+def reconstruct(model, dataset, **options):
+    g = model.geometry
+    recon = DeepCDIReconstruction(
+        dataset.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=dataset.rotation_deg,
+        transpose=False, verbose=False, **g.aberrations, **options,
+    )
+    return recon.preprocess().reconstruct()
+
+
+def test_lattice_reconstruction_matches_truth(model):
+    torch.set_num_threads(2)
+    ds = simulate_dataset(model.geometry, scan_shape=(32, 32), scan_step=0.25, dose=1.6e6, seed=1)
+    score = score_reconstruction(reconstruct(model, ds), ds)
+    assert score["correlation"] >= MIN_CORRELATION
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sim, options",
+    [
+        ({"scan_step": 0.3076}, {}),  # an integer step in pixels
+        ({"rotation_deg": 17.0}, {}),  # a rotated scan
+        ({}, {"subsample": 2}),
+        ({}, {"subsample": 3}),
+        ({"dose": 1.6e7}, {}),  # 10× the nominal dose
+    ],
+)
+def test_more_cases(model, sim, options):
+    args = {"scan_shape": (40, 40), "scan_step": 0.25, "dose": 1.6e6, "seed": 1, **sim}
+    ds = simulate_dataset(model.geometry, **args)
+    score = score_reconstruction(reconstruct(model, ds, **options), ds)
+    assert score["correlation"] >= MIN_CORRELATION
