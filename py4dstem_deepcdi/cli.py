@@ -44,13 +44,10 @@ def geometry_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
-
     from .simulation import StreamConfig  # noqa: PLC0415
     from .training import TrainConfig, Trainer, plot_history  # noqa: PLC0415
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _threads(args)
     geometry = geometry_from_args(args)
     stream = StreamConfig(
         electrons_range=tuple(args.electrons),

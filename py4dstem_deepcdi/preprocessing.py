@@ -213,10 +213,11 @@ def preprocess(
     # the model's detector, in data pixels, must lie on the data's detector (one data pixel of slack at the edge)
     ratio = geometry.angular_sampling / data_sampling
     shape = np.array(geometry.detector_shape)
-    low = centres.reshape(-1, 2).min(0) - (shape // 2 + 0.5) * ratio
-    high = centres.reshape(-1, 2).max(0) + (shape - shape // 2 - 0.5) * ratio
+    lowest, highest = centres.reshape(-1, 2).min(0), centres.reshape(-1, 2).max(0)
+    low = lowest - (shape // 2 + 0.5) * ratio
+    high = highest + (shape - shape // 2 - 0.5) * ratio
     if np.any(low < -1.5) or np.any(high > np.array([qx, qy]) + 0.5):
-        reach = min(float(np.min(centres.reshape(-1, 2).min(0) + 0.5)), float(np.min(np.array([qx, qy]) - 0.5 - centres.reshape(-1, 2).max(0))))
+        reach = min(float(np.min(lowest + 0.5)), float(np.min(np.array([qx, qy]) - 0.5 - highest)))
         raise ValueError(
             f"the datacube's detector reaches only ±{reach * data_sampling:.1f} mrad around the bright-field disk, "
             f"but the model needs ±{shape.max() * geometry.angular_sampling / 2:.1f} mrad ({n0}×{n1} pixels of "

@@ -85,7 +85,7 @@ class DeepCDIReconstruction:
         verbose: bool = True,
         **aberrations: float,
     ):
-        self._xp = get_array_module(device)  # fail early with a clear message for device="gpu"
+        get_array_module(device)  # fail early with a clear message for device="gpu" (CuPy and CUDA torch)
         torch_device(device)
         self.device = device
         self.datacube = datacube

@@ -129,6 +129,17 @@ class TrainConfig:
         return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * t))
 
 
+def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint safely (``weights_only=True``); ``ValueError`` for a corrupt or foreign file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read (corrupt or foreign): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a py4dstem-deepcdi training checkpoint")
+    return payload
+
+
 def _bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()  # pragma: no cover - needs a GPU
@@ -183,12 +194,9 @@ class Trainer:
 
         ``changes`` may alter ``steps`` or ``max_minutes`` (the other settings must stay those of the run).
         """
-        try:
-            payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            config = json.loads(payload["config"])
-            geometry = ProbeGeometry.from_dict(json.loads(payload["geometry"]))
-        except Exception as exc:
-            raise ValueError(f"checkpoint {str(checkpoint)!r} cannot be read (corrupt or foreign): {exc}") from exc
+        payload = _read_checkpoint(checkpoint)
+        config = json.loads(payload["config"])
+        geometry = ProbeGeometry.from_dict(json.loads(payload["geometry"]))
         config.update(changes)
         return cls(geometry, TrainConfig(**config), checkpoint=checkpoint, device=device)
 
@@ -249,12 +257,7 @@ class Trainer:
         return path
 
     def _load_checkpoint(self) -> None:
-        try:
-            payload = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"checkpoint {str(self.checkpoint)!r} cannot be read (corrupt or foreign): {exc}") from exc
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{str(self.checkpoint)!r} is not a py4dstem-deepcdi training checkpoint")
+        payload = _read_checkpoint(self.checkpoint)
         saved = json.loads(payload["config"])
         mine = json.loads(json.dumps(self.config.to_dict()))
         # the budget and the schedule's length may change between runs; everything else must match
