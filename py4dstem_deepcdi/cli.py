@@ -43,6 +43,12 @@ def geometry_from_args(args: argparse.Namespace):
     )
 
 
+def _ranges_from_args(args: argparse.Namespace):
+    from .probe import AberrationRanges  # noqa: PLC0415
+
+    return AberrationRanges(C10=tuple(args.C10_range), C12=args.C12_max, C21=args.C21_max, C23=args.C23_max)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .simulation import StreamConfig  # noqa: PLC0415
     from .training import TrainConfig, Trainer, plot_history  # noqa: PLC0415
@@ -55,6 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         mix={"photos": args.mix[0], "lattice": args.mix[1], "noise": args.mix[2]},
         image_folder=str(args.images) if args.images else None,
+        aberration_ranges=_ranges_from_args(args) if args.condition_probe else None,
     )
     config = TrainConfig(
         steps=args.steps,
@@ -70,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         seed=args.seed,
         stream=stream,
+        init_from=args.init_from,
     )
     checkpoint = args.checkpoint or args.output.with_suffix(".ckpt")
     trainer = Trainer(geometry, config, checkpoint=checkpoint, device=args.device)
@@ -138,7 +146,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments that describe an experimental dataset and the model applied to it."""
+    p.add_argument("input", type=Path, help="EMD/py4DSTEM file holding a calibrated DataCube")
+    p.add_argument("--energy", type=float, required=True, help="beam energy (eV)")
+    p.add_argument("--semiangle", type=float, required=True, help="convergence semi-angle (mrad)")
+    for name in POLAR_NAMES:
+        p.add_argument(f"--{name}", type=float, default=None, help=f"{name} ({'rad' if name.startswith('phi') else 'Å'})")
+    p.add_argument("--model", default=None, help="model file (.pt) or shipped model name (default: the shipped one)")
+    p.add_argument("--step", type=float, default=None, help="scan step (Å), if the file lacks the calibration")
+    p.add_argument("--angular-sampling", type=float, default=None, help="detector pixel (mrad), if the file lacks it")
+    p.add_argument("--rotation", type=float, default=None, help="scan rotation (deg); estimated if omitted")
+    p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None, help="scan transpose")
+    p.add_argument("--subsample", type=int, default=1, help="use every n-th scan position")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _reconstruction_from_args(args: argparse.Namespace, probe=None):
+    """The DeepCDIReconstruction (not yet preprocessed) that the data arguments describe."""
     from .reconstruction import DeepCDIReconstruction  # noqa: PLC0415
 
     _threads(args)
@@ -146,11 +174,49 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     datacube, _ = _read_datacube(args.input)
     aberrations = {name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}
-    recon = DeepCDIReconstruction(
+    return DeepCDIReconstruction(
         datacube, energy=args.energy, semiangle_cutoff=args.semiangle, model=args.model, device=args.device,
         scan_step=args.step, angular_sampling=args.angular_sampling, rotation_deg=args.rotation,
-        transpose=args.transpose, subsample=args.subsample, verbose=not args.quiet, **aberrations,
+        transpose=args.transpose, subsample=args.subsample, verbose=not args.quiet, probe=probe, **aberrations,
     )
+
+
+def cmd_recover_probe(args: argparse.Namespace) -> int:
+    from .models import as_model  # noqa: PLC0415
+    from .probe_recovery import recover_probe  # noqa: PLC0415
+
+    given = {name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}
+    model = as_model(args.model)
+    model.require_conditioned("recover-probe")
+    reference = {**model.geometry.aberrations, **given}
+    args.model = model
+    recon = _reconstruction_from_args(args, probe=reference)
+    result = recover_probe(
+        recon, initial=None if args.random_start else reference, n_pairs=args.pairs, n_iterations=args.iterations,
+        n_trials=args.trials, seed=args.seed, precision=args.precision, progress=not args.quiet,
+    )
+    from .io import atomic_path  # noqa: PLC0415
+
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(json.dumps(result.to_dict(), indent=1))
+    if args.png:
+        result.visualize(path=args.png)
+    print(result)
+    print(f"recovered aberrations written to {args.output}; use them with `deepcdi reconstruct ... --probe {args.output}`")
+    return 0
+
+
+def _probe_file(path: Path) -> dict:
+    """Aberrations stored by `recover-probe`."""
+    try:
+        aberrations = json.loads(path.read_text())["aberrations"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a `deepcdi recover-probe` result (JSON with 'aberrations'): {exc}") from exc
+    return aberrations
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    recon = _reconstruction_from_args(args, probe=_probe_file(args.probe) if args.probe else None)
     recon.preprocess().reconstruct(precision=args.precision, stitching=args.stitching, tilt=args.tilt)
     recon.save(args.output, overwrite=args.overwrite)
     if args.png:
@@ -242,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase-max", type=float, nargs=2, default=(0.1, 1.5), metavar=("MIN", "MAX"), help="object phase range (rad)")
     p.add_argument("--mix", type=float, nargs=3, default=(0.5, 0.35, 0.15), metavar=("PHOTOS", "LATTICE", "NOISE"))
     p.add_argument("--images", type=Path, default=None, help="folder of your own training images")
+    c = p.add_argument_group("probe conditioning (one network for a range of probes, needed by recover-probe)")
+    c.add_argument("--condition-probe", action="store_true", help="train a probe-conditioned network over the ranges below")
+    c.add_argument("--C10-range", type=float, nargs=2, default=(-300.0, 300.0), metavar=("MIN", "MAX"), help="C10 range (Å)")
+    c.add_argument("--C12-max", type=float, default=50.0, help="largest twofold astigmatism (Å)")
+    c.add_argument("--C21-max", type=float, default=500.0, help="largest axial coma (Å)")
+    c.add_argument("--C23-max", type=float, default=500.0, help="largest threefold astigmatism (Å)")
+    p.add_argument("--init-from", default=None, help="start from this model's weights (file or shipped name)")
     p.add_argument("--val-size", type=int, default=512)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=500)
@@ -268,27 +341,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("reconstruct", help="reconstruct the phase of an EMD DataCube with a trained model")
-    p.add_argument("input", type=Path, help="EMD/py4DSTEM file holding a calibrated DataCube")
+    _add_data_arguments(p)
     p.add_argument("--output", type=Path, required=True, help="EMD file for the phase image (.h5)")
-    p.add_argument("--energy", type=float, required=True, help="beam energy (eV)")
-    p.add_argument("--semiangle", type=float, required=True, help="convergence semi-angle (mrad)")
-    for name in POLAR_NAMES:
-        p.add_argument(f"--{name}", type=float, default=None, help=f"{name} ({'rad' if name.startswith('phi') else 'Å'})")
-    p.add_argument("--model", default=None, help="model file (.pt) or shipped model name (default: the shipped one)")
-    p.add_argument("--step", type=float, default=None, help="scan step (Å), if the file lacks the calibration")
-    p.add_argument("--angular-sampling", type=float, default=None, help="detector pixel (mrad), if the file lacks it")
-    p.add_argument("--rotation", type=float, default=None, help="scan rotation (deg); estimated if omitted")
-    p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None, help="scan transpose")
-    p.add_argument("--subsample", type=int, default=1, help="use every n-th scan position")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--probe", type=Path, default=None, help="JSON file of `recover-probe` whose aberrations to use")
     p.add_argument("--stitching", choices=("lsq", "relaxation"), default="lsq")
     p.add_argument("--tilt", action="store_true", help="also solve per-patch phase tilts when stitching")
     p.add_argument("--png", type=Path, default=None, help="also write a figure")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "recover-probe",
+        help="find the probe's aberrations from the data with a probe-conditioned model (overlap consistency)",
+    )
+    _add_data_arguments(p)
+    p.add_argument("--output", type=Path, required=True, help="JSON file for the recovered aberrations and loss history")
+    p.add_argument("--pairs", type=int, default=100, help="pairs of neighbouring positions compared")
+    p.add_argument("--iterations", type=int, default=50, help="search iterations")
+    p.add_argument("--trials", type=int, default=30, help="random candidates per iteration")
+    p.add_argument("--random-start", action="store_true", help="start from a random probe (default: the given aberrations, else the model's reference)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", type=Path, default=None, help="also write the figure (probes, loss curve)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_recover_probe)
 
     p = sub.add_parser(
         "demo", help="quick start: simulate a lattice, reconstruct with the shipped model, compare with ePIE"

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .backend import torch_device
+from .simulation import probe_channels
 
 PRECISIONS = ("bf16", "fp32")
 _CACHE_ATTRIBUTE = "_deepcdi_prepared_networks"
@@ -341,18 +342,25 @@ def _check_values(batch: torch.Tensor, start: int, where: str) -> None:
 class _Runner:
     """Everything one prediction call needs: the prepared net, the mask, the batch size and the progress bar."""
 
-    def __init__(self, model, batch_size: int, precision: str, device: str, compile: bool, progress: bool, total):  # noqa: A002
+    def __init__(self, model, batch_size: int, precision: str, device: str, compile: bool, progress: bool, total,  # noqa: A002
+                 geometry=None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.device = torch_device(device)
         self.shape = tuple(int(n) for n in model.geometry.detector_shape)
         self.net = _prepared_for(model, precision, self.device, compile)
-        mask = torch.as_tensor(np.asarray(model.geometry.mask, dtype=np.float32), device=self.device)
+        self.condition = None
+        if model.conditioned:  # the probe is an input: its channels, and its own mask
+            geometry = geometry if geometry is not None else model.geometry
+            self.condition = probe_channels(geometry.probe).to(self.device)
+        else:
+            geometry = model.geometry
+        mask = torch.as_tensor(np.asarray(geometry.mask, dtype=np.float32), device=self.device)
         if tuple(mask.shape) != self.shape:
-            raise ValueError(f"model.geometry.mask has shape {tuple(mask.shape)}, expected {self.shape}")
+            raise ValueError(f"the probe's mask has shape {tuple(mask.shape)}, expected {self.shape}")
         if mask.sum() == 0:
-            raise ValueError("model.geometry.mask is empty; lower mask_threshold")
+            raise ValueError("the illuminated mask is empty; lower mask_threshold")
         self.mask = mask
         self.mask_count = mask.sum()
         self.bar = None
@@ -384,7 +392,10 @@ class _Runner:
                 if self.net.compiled and len(batch) < self.batch_size:
                     # one compiled graph per batch size: pad a short batch instead of recompiling (minutes)
                     batch = torch.cat([batch, batch.new_zeros((self.batch_size - len(batch), *self.shape))])
-                phase = self.net(batch[:, None])[: stop - start, 0]
+                inputs = batch[:, None]
+                if self.condition is not None:
+                    inputs = torch.cat([inputs, self.condition.expand(len(batch), -1, -1, -1)], 1)
+                phase = self.net(inputs)[: stop - start, 0]
                 mean = (phase * self.mask).sum((-2, -1), keepdim=True) / self.mask_count
                 phase = (phase - mean) * self.mask
             out[start:stop] = phase.cpu().numpy()
@@ -402,6 +413,7 @@ def predict(
     device: str = "cpu",
     compile: bool = False,  # noqa: A002
     progress: bool = False,
+    geometry=None,
 ) -> np.ndarray:
     """Phase patches (rad) retrieved by the network from diffraction amplitudes.
 
@@ -425,14 +437,18 @@ def predict(
         ``batch_size`` so that one graph serves all batches). Falls back to eager with a warning if it fails.
     progress
         Show a tqdm progress bar.
+    geometry
+        For a probe-conditioned model: the :class:`~py4dstem_deepcdi.probe.ProbeGeometry` of the data, whose probe is
+        fed to the network and whose mask bounds the patches (default the model's reference probe). Ignored by a
+        fixed-probe model.
 
     Returns
     -------
     numpy.ndarray
-        (J, N, N) float32 phase (rad), 0 outside ``model.geometry.mask`` and zero-mean inside it.
+        (J, N, N) float32 phase (rad), 0 outside the illuminated mask and zero-mean inside it.
     """
     amplitudes = _check_chunk(amplitudes, tuple(model.geometry.detector_shape), "amplitudes")
-    runner = _Runner(model, batch_size, precision, device, compile, progress, total=int(amplitudes.shape[0]))
+    runner = _Runner(model, batch_size, precision, device, compile, progress, total=int(amplitudes.shape[0]), geometry=geometry)
     try:
         return runner.run(amplitudes)
     finally:
@@ -449,6 +465,7 @@ def predict_batches(
     compile: bool = False,  # noqa: A002
     progress: bool = False,
     total: int | None = None,
+    geometry=None,
 ) -> Iterator[np.ndarray]:
     """Stream :func:`predict` over chunks of a datacube too large for memory: yields one (J_i, N, N) array per chunk.
 
@@ -456,7 +473,7 @@ def predict_batches(
     only one chunk's input and output are held at a time. ``total`` (patterns) sizes the progress bar. Other
     parameters and the returned values are those of :func:`predict`.
     """
-    runner = _Runner(model, batch_size, precision, device, compile, progress, total=total)
+    runner = _Runner(model, batch_size, precision, device, compile, progress, total=total, geometry=geometry)
     try:
         for index, chunk in enumerate(chunks):
             yield runner.run(chunk, where=f"chunk {index}")

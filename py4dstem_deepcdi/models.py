@@ -20,7 +20,7 @@ import torch
 
 from .io import atomic_path
 from .network import ResUNet
-from .probe import ProbeGeometry
+from .probe import AberrationRanges, ProbeGeometry
 
 MODEL_FORMAT = "py4dstem-deepcdi-model"
 MODEL_FORMAT_VERSION = 1
@@ -71,14 +71,49 @@ class DeepCDIModel:
             torch.save(payload, tmp)
         return path
 
+    @property
+    def conditioned(self) -> bool:
+        """Whether the network is probe-conditioned (takes the probe as input, see :attr:`aberration_ranges`)."""
+        return getattr(self.network, "in_channels", 1) == 3
+
+    @property
+    def aberration_ranges(self) -> AberrationRanges | None:
+        """The probe ranges a probe-conditioned network was trained over (None for a fixed-probe network)."""
+        ranges = self.metadata.get("training_set", {}).get("aberration_ranges")
+        return AberrationRanges.from_dict(ranges) if self.conditioned and ranges else None
+
     def check_compatible(self, geometry: ProbeGeometry, **tolerances) -> None:
-        """Raise ``ValueError`` (naming both values) if ``geometry`` differs from the model's beyond tolerance."""
-        self.geometry.check_compatible(geometry, **tolerances)
+        """Raise ``ValueError`` (naming both values) if ``geometry`` differs from the model's beyond tolerance.
+
+        A probe-conditioned model accepts any aberrations inside its training ranges.
+        """
+        if not self.conditioned:
+            self.geometry.check_compatible(geometry, **tolerances)
+            return
+        self.geometry.check_compatible(geometry, **{**tolerances, "aberration_atol": float("inf")})
+        ranges = self.aberration_ranges
+        problems = ranges.contains(geometry.aberrations) if ranges is not None else []
+        if problems:
+            raise ValueError(
+                "the probe-conditioned model was trained for probes in "
+                f"{ranges.to_dict()} (Å); this probe has {'; '.join(problems)}. "
+                "Train a model over wider ranges (deepcdi train --condition-probe ...)"
+            )
+
+    def require_conditioned(self, what: str) -> None:
+        """Raise ``ValueError`` unless the network is probe-conditioned (``what`` names the caller)."""
+        if not self.conditioned:
+            raise ValueError(
+                f"{what} needs a probe-conditioned model (one trained with aberration_ranges, 3 input channels); "
+                f"{self.metadata.get('name', 'this model')!r} was trained for one fixed probe "
+                f"({self.geometry!r}). Train one with `deepcdi train --condition-probe ...`"
+            )
 
     def __repr__(self) -> str:
         training = self.metadata.get("training", {})
+        conditioned = f", probe-conditioned over {self.aberration_ranges.to_dict()}" if self.conditioned else ""
         return (
-            f"DeepCDIModel({self.metadata.get('name', 'unnamed')}, {self.geometry!r}, width={self.network.width}, "
+            f"DeepCDIModel({self.metadata.get('name', 'unnamed')}, {self.geometry!r}{conditioned}, width={self.network.width}, "
             f"depth={self.network.depth}, samples={training.get('samples', '?')}, "
             f"val_L1={training.get('val_l1', '?')})"
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -332,3 +333,147 @@ class ProbeGeometry:
             f"ProbeGeometry({self.energy / 1e3:g} keV, {self.semiangle_cutoff:g} mrad, {self.detector_shape}, "
             f"{self.angular_sampling:.4g} mrad/px, {self.sampling[0]:.4g} Å/px{', ' + ab if ab else ''})"
         )
+
+
+#: The 7 parameters in Cartesian form (Å): C10, then (a, b) = C (cos nφ, sin nφ) for C12 (n=2), C21 (1), C23 (3).
+#: Searching and drawing probes in these coordinates avoids the angles' periodicity and their degeneracy at C = 0.
+CARTESIAN_NAMES: tuple[str, ...] = ("C10", "C12a", "C12b", "C21a", "C21b", "C23a", "C23b")
+_SYMMETRY = {"C12": 2, "C21": 1, "C23": 3}  # χ ∝ C cos(n (φ − φ_C))
+
+
+def to_cartesian(aberrations: Mapping[str, float]) -> np.ndarray:
+    """The 7 polar parameters (py4DSTEM names, Å and rad) as the Cartesian vector of :data:`CARTESIAN_NAMES` (Å)."""
+    ab = normalise_aberrations(aberrations)
+    out = [ab["C10"]]
+    for name, n in _SYMMETRY.items():
+        angle = n * ab["phi" + name[1:]]
+        out += [ab[name] * math.cos(angle), ab[name] * math.sin(angle)]
+    return np.asarray(out)
+
+
+def from_cartesian(vector) -> dict[str, float]:
+    """Inverse of :func:`to_cartesian`: polar parameters with magnitudes ≥ 0 and angles in [0, 2π/n)."""
+    v = np.asarray(vector, dtype=np.float64).reshape(-1)
+    if v.shape != (7,):
+        raise ValueError(f"a Cartesian aberration vector has 7 entries {CARTESIAN_NAMES}, got shape {np.shape(vector)}")
+    out = {"C10": float(v[0])}
+    for i, (name, n) in enumerate(_SYMMETRY.items()):
+        a, b = v[1 + 2 * i], v[2 + 2 * i]
+        out[name] = float(math.hypot(a, b))
+        out["phi" + name[1:]] = float(math.atan2(b, a) % (2 * math.pi) / n)
+    return out
+
+
+@dataclass(frozen=True)
+class AberrationRanges:
+    """Ranges of the probe parameters a probe-conditioned network is trained over and a probe search explores.
+
+    Defaults cover typical aberration-corrected STEM practice; a detector window may hold only part of them
+    (see :meth:`check`). Probes are drawn with C10 uniform in its range and each other aberration with a magnitude
+    uniform in [0, max] and a uniform angle.
+
+    Parameters
+    ----------
+    C10
+        (min, max) defocus term (Å); py4DSTEM's ``defocus`` is −C10.
+    C12
+        Largest twofold astigmatism (Å).
+    C21
+        Largest axial coma (Å).
+    C23
+        Largest threefold astigmatism (Å).
+    """
+
+    C10: tuple[float, float] = (-300.0, 300.0)
+    C12: float = 50.0
+    C21: float = 500.0
+    C23: float = 500.0
+
+    def __post_init__(self):
+        try:
+            lo, hi = (float(v) for v in self.C10)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"C10 range must be a (min, max) pair in Å, got {self.C10!r}") from exc
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"C10 range must be finite, got {self.C10!r}")
+        if lo >= hi:
+            raise ValueError(
+                f"C10 range ({lo:g}, {hi:g}) Å is {'inverted' if lo > hi else 'empty'}: give (min, max) with min < max"
+            )
+        object.__setattr__(self, "C10", (lo, hi))
+        for name in _SYMMETRY:
+            value = getattr(self, name)
+            try:
+                value = float(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{name} must be a largest magnitude in Å, got {value!r}") from exc
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a largest magnitude >= 0 Å, got {value!r}")
+            object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------ search box
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds of the Cartesian parameters (:data:`CARTESIAN_NAMES`, Å)."""
+        m = [self.C12, self.C12, self.C21, self.C21, self.C23, self.C23]
+        return np.array([self.C10[0], *(-x for x in m)]), np.array([self.C10[1], *m])
+
+    def clip(self, vectors: np.ndarray) -> np.ndarray:
+        """Cartesian vectors (..., 7) moved into the ranges: C10 clipped, each (a, b) pair shrunk to its disk."""
+        v = np.array(vectors, dtype=np.float64)
+        v[..., 0] = np.clip(v[..., 0], *self.C10)
+        for i, name in enumerate(_SYMMETRY):
+            pair = v[..., 1 + 2 * i : 3 + 2 * i]
+            norm = np.hypot(pair[..., 0], pair[..., 1])
+            scale = np.where(norm > getattr(self, name), getattr(self, name) / np.maximum(norm, 1e-300), 1.0)
+            v[..., 1 + 2 * i : 3 + 2 * i] = pair * scale[..., None]
+        return v
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` random Cartesian vectors (n, 7) drawn as the class docstring says."""
+        return self.from_uniform(rng.random((n, 7)))
+
+    def from_uniform(self, u: np.ndarray) -> np.ndarray:
+        """Cartesian vectors (n, 7) from uniform numbers in [0, 1) (n, 7), as :meth:`sample` draws them."""
+        u = np.asarray(u, dtype=np.float64)
+        n = len(u)
+        out = np.empty((n, 7))
+        out[:, 0] = self.C10[0] + (self.C10[1] - self.C10[0]) * u[:, 0]
+        for i, name in enumerate(_SYMMETRY):
+            magnitude, angle = getattr(self, name) * u[:, 1 + 2 * i], 2 * math.pi * u[:, 2 + 2 * i]
+            out[:, 1 + 2 * i], out[:, 2 + 2 * i] = magnitude * np.cos(angle), magnitude * np.sin(angle)
+        return out
+
+    def contains(self, aberrations: Mapping[str, float], tolerance: float = 1.0) -> list[str]:
+        """The parameters of ``aberrations`` outside the ranges (by more than ``tolerance`` Å), as messages."""
+        ab = normalise_aberrations(aberrations)
+        problems = []
+        lo, hi = self.C10
+        if not lo - tolerance <= ab["C10"] <= hi + tolerance:
+            problems.append(f"C10 = {ab['C10']:g} Å outside ({lo:g}, {hi:g})")
+        for name in _SYMMETRY:
+            if ab[name] > getattr(self, name) + tolerance:
+                problems.append(f"{name} = {ab[name]:g} Å above {getattr(self, name):g}")
+        return problems
+
+    def check(self, geometry: ProbeGeometry) -> None:
+        """Refuse ranges whose largest probes do not fit the geometry's window (oversampling ratio < 2)."""
+        for c10 in self.C10:
+            corner = {"C10": c10, "C12": self.C12, "C21": self.C21, "C23": self.C23}
+            try:
+                geometry.replace(aberrations=corner)
+            except ValueError as exc:
+                raise ValueError(
+                    f"aberration ranges too wide for this geometry: the probe with "
+                    f"{', '.join(f'{k}={v:g} Å' for k, v in corner.items())} does not fit the "
+                    f"{geometry.window_size[0]:.3g} Å window ({exc}). Narrow the ranges (mostly C10) or use a finer "
+                    "angular sampling (a larger detector)"
+                ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"C10": list(self.C10), "C12": self.C12, "C21": self.C21, "C23": self.C23}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AberrationRanges:
+        """Inverse of :meth:`to_dict`."""
+        return cls(C10=tuple(d["C10"]), C12=d["C12"], C21=d["C21"], C23=d["C23"])

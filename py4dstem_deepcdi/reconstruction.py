@@ -50,7 +50,11 @@ class DeepCDIReconstruction:
         also be given as keyword arguments (``C10=-100``, ``defocus=100``).
     model
         A :class:`DeepCDIModel`, a model file path, or a shipped model's name; default the shipped model.
-        It must be trained for this energy, semi-angle and probe.
+        It must be trained for this energy, semi-angle and probe, or be probe-conditioned with this probe inside
+        its training ranges (then one model serves every such probe).
+    probe
+        The probe's aberrations, e.g. the result of :func:`~py4dstem_deepcdi.probe_recovery.recover_probe` (its
+        ``aberrations``) or a dict of polar parameters; they override ``polar_parameters``.
     device
         ``"cpu"`` or ``"gpu"`` (CUDA for the network, CuPy for stitching).
     scan_step
@@ -83,6 +87,7 @@ class DeepCDIReconstruction:
         subsample: int = 1,
         vacuum_probe_intensity=None,
         verbose: bool = True,
+        probe=None,
         **aberrations: float,
     ):
         get_array_module(device)  # fail early with a clear message for device="gpu" (CuPy and CUDA torch)
@@ -91,7 +96,8 @@ class DeepCDIReconstruction:
         self.datacube = datacube
         self.model = as_model(model, device=device)
         self.verbose = verbose
-        parameters = normalise_aberrations({**(polar_parameters or {}), **aberrations})
+        recovered = getattr(probe, "aberrations", probe) or {}
+        parameters = normalise_aberrations({**(polar_parameters or {}), **aberrations, **recovered})
         model_geometry = self.model.geometry
         self.geometry = ProbeGeometry(
             energy=energy,
@@ -125,6 +131,16 @@ class DeepCDIReconstruction:
     def sampling(self) -> tuple[float, float]:
         """Pixel size of the reconstructed phase image (Å)."""
         return self.model.geometry.sampling
+
+    @property
+    def probe_geometry(self) -> ProbeGeometry:
+        """The probe the patches are retrieved with: the model's, with the data's aberrations if it is
+        probe-conditioned (the aperture, vacuum probe and mask threshold stay the model's)."""
+        if not self.model.conditioned:
+            return self.model.geometry
+        if getattr(self, "_probe_geometry", None) is None or self._probe_geometry.aberrations != self.geometry.aberrations:
+            self._probe_geometry = self.model.geometry.replace(aberrations=self.geometry.aberrations)
+        return self._probe_geometry
 
     @property
     def positions(self) -> np.ndarray:
@@ -239,10 +255,10 @@ class DeepCDIReconstruction:
         start = time.perf_counter()
         self.patches = predict(
             self.model, self.data.amplitudes, batch_size=batch_size, precision=precision, device=self.device,
-            progress=progress,
+            progress=progress, geometry=self.probe_geometry,
         )
         self.timings["inference_s"] = time.perf_counter() - start
-        geometry = self.model.geometry
+        geometry = self.probe_geometry
         start = time.perf_counter()
         positions_px = self.data.positions / np.array(self.sampling)
         pixel_weights = np.abs(geometry.probe) ** 2 if weights == "probe" else None

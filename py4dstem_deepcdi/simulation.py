@@ -8,6 +8,10 @@ Forward model (batched torch, CPU or CUDA through the same code):
     network input  x = sqrt(counts / N_e × N_pixels)
     target         φ − mean_mask(φ), set to 0 outside the illuminated mask
 
+A probe-conditioned network also sees the probe: two more input channels, Re P(r) and Im P(r) divided by max|P|
+(:func:`probe_channels`), drawn per sample from :class:`~py4dstem_deepcdi.probe.AberrationRanges`; its illuminated
+mask, |P|² > threshold × max|P|², is then read back from those channels (:func:`conditioning_mask`).
+
 Diffraction patterns follow py4DSTEM's convention: the unshifted DC term sits at pixel (N//2, N//2), the real-space
 window and probe are centred on the scan position, axis 0 of a pattern is axis 0 of the object (scan Rx).
 """
@@ -25,7 +29,7 @@ import torch
 
 from .backend import torch_device
 from .images import LatticeSource, default_source
-from .probe import ProbeGeometry
+from .probe import AberrationRanges, ProbeGeometry, from_cartesian
 
 
 def electrons_per_pattern(dose: float, scan_step: float | tuple[float, float]) -> float:
@@ -46,6 +50,22 @@ def network_input(counts: torch.Tensor, electrons: torch.Tensor | float) -> torc
     n_pixels = counts.shape[-1] * counts.shape[-2]
     electrons = torch.as_tensor(electrons, dtype=counts.dtype, device=counts.device).reshape(-1, 1, 1)
     return counts.clamp_min(0).mul_(n_pixels / electrons).sqrt_()
+
+
+def probe_channels(probe: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The conditioning channels of a probe-conditioned network: (..., 2, N, N) float32 ``[Re P, Im P] / max|P|``.
+
+    ``probe`` is the complex real-space probe (..., N, N), centred like :attr:`ProbeGeometry.probe`.
+    """
+    probe = torch.as_tensor(probe)
+    peak = probe.abs().flatten(-2).amax(-1)[..., None, None].clamp_min(1e-30)
+    scaled = probe / peak
+    return torch.stack([scaled.real, scaled.imag], -3).float()
+
+
+def conditioning_mask(inputs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Illuminated masks (B, 1, N, N) bool of a probe-conditioned batch (B, 3, N, N): ``|P|²/max|P|² > threshold``."""
+    return (inputs[:, 1:2].square() + inputs[:, 2:3].square()) > threshold
 
 
 class ForwardModel:
@@ -77,24 +97,31 @@ class ForwardModel:
             torch.complex64
         ).to(self.device)
 
-    def shifted_probes(self, shifts_px: torch.Tensor) -> torch.Tensor:
-        """The probe translated by ``shifts_px`` (B, 2) pixels with a Fourier phase ramp, (B, N, N) complex."""
+    def shifted_probes(self, shifts_px: torch.Tensor, probes: torch.Tensor | None = None) -> torch.Tensor:
+        """The probe (or ``probes`` (B, N, N)) translated by ``shifts_px`` (B, 2) pixels with a Fourier phase ramp,
+        (B, N, N) complex."""
         shifts_px = shifts_px.to(self.device, torch.float32)
         ramp = torch.exp(
             -2j * math.pi * (self._kx[None] * shifts_px[:, 0, None, None] + self._ky[None] * shifts_px[:, 1, None, None])
         )
-        return torch.fft.ifft2(torch.fft.fft2(self.probe)[None] * ramp)
+        probe = self.probe if probes is None else probes.to(self.device, torch.complex64)
+        return torch.fft.ifft2(torch.fft.fft2(probe) * ramp)
 
-    def intensity(self, phase: torch.Tensor, shifts_px: torch.Tensor | None = None) -> torch.Tensor:
+    def intensity(
+        self, phase: torch.Tensor, shifts_px: torch.Tensor | None = None, probes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Noiseless diffraction intensity (B, N, N), DC at (N//2, N//2), each pattern summing to Σ|P|² = 1.
 
         ``phase`` (B, N, N) in rad on the window grid centred on the scan position; ``shifts_px`` optional
-        sub-pixel probe shifts (B, 2).
+        sub-pixel probe shifts (B, 2); ``probes`` optional per-pattern probes (B, N, N) (centred, Σ|P|² = 1)
+        instead of the geometry's.
         """
-        if shifts_px is None:
-            probe = self._probe_modulated[None]
+        if shifts_px is not None:
+            probe = self.shifted_probes(shifts_px, probes).mul_(self._modulation)
+        elif probes is not None:
+            probe = probes.to(self.device, torch.complex64) * self._modulation
         else:
-            probe = self.shifted_probes(shifts_px).mul_(self._modulation)
+            probe = self._probe_modulated[None]
         phase = phase.to(self.device, torch.float32)
         exit_wave = torch.complex(torch.cos(phase), torch.sin(phase))
         if exit_wave.shape == torch.broadcast_shapes(exit_wave.shape, probe.shape):
@@ -109,9 +136,13 @@ class ForwardModel:
         """Phase inside the illuminated mask with its mean over the mask removed, 0 outside (B, N, N)."""
         return self._target(phase)
 
-    def _target(self, phase: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        mask = self.mask.to(phase.dtype)
-        mean = (phase.flatten(-2) @ mask.flatten()) / mask.sum()
+    def _target(self, phase: torch.Tensor, out: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            mask = self.mask.to(phase.dtype)
+            mean = (phase.flatten(-2) @ mask.flatten()) / mask.sum()
+        else:  # one mask per pattern (B, N, N)
+            mask = mask.to(phase.dtype)
+            mean = (phase * mask).sum((-2, -1)) / mask.sum((-2, -1))
         return torch.mul(phase - mean[..., None, None], mask, out=out)
 
 
@@ -131,6 +162,10 @@ class StreamConfig:
         Weights of the training-set sources ``photos``, ``lattice``, ``noise``.
     image_folder
         Folder of the user's own images replacing scikit-image's photographs.
+    aberration_ranges
+        For a probe-conditioned network: the ranges the probe of every sample is drawn from (an
+        :class:`~py4dstem_deepcdi.probe.AberrationRanges` or its dict); the inputs then have 3 channels.
+        None (default): every sample uses the geometry's probe.
     """
 
     electrons_range: tuple[float, float] = (2e4, 1e6)
@@ -138,8 +173,11 @@ class StreamConfig:
     batch_size: int = 64
     mix: dict[str, float] = field(default_factory=lambda: {"photos": 0.5, "lattice": 0.35, "noise": 0.15})
     image_folder: str | None = None
+    aberration_ranges: AberrationRanges | None = None
 
     def __post_init__(self):
+        if isinstance(self.aberration_ranges, dict):
+            self.aberration_ranges = AberrationRanges.from_dict(self.aberration_ranges)
         lo, hi = self.electrons_range
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"electrons_range must be an increasing pair of positive numbers, got {self.electrons_range}")
@@ -196,6 +234,8 @@ class TrainingStream:
     ):
         self.model = ForwardModel(geometry, device)
         self.config = config or StreamConfig()
+        if self.config.aberration_ranges is not None:
+            self.config.aberration_ranges.check(geometry)
         self.source = default_source(self.config.image_folder, self.config.mix)
         self.seed, self.worker, self.index = int(seed), int(worker), int(start)
         self._bank: tuple[tuple[int, int], torch.Tensor] | None = None  # ((bank number, batch size), images)
@@ -209,7 +249,7 @@ class TrainingStream:
         """
         n = int(batch_size or self.config.batch_size)
         shape = self.model.geometry.detector_shape
-        x = torch.empty(n, 1, *shape, device=self.model.device)
+        x = torch.empty(n, self.in_channels, *shape, device=self.model.device)
         y = torch.empty(n, 1, *shape, device=self.model.device)
         threads = torch.get_num_threads()
         single = self.model.device.type == "cpu" and threads > 1
@@ -217,11 +257,23 @@ class TrainingStream:
             torch.set_num_threads(1)
         try:
             bank = self._images_for(index, n)
-            self._simulate(x[:, 0], y[:, 0], _seed_for(self.seed, self.worker, index), bank)
+            self._simulate(x, y[:, 0], _seed_for(self.seed, self.worker, index), bank)
         finally:
             if single:
                 torch.set_num_threads(threads)
         return x, y
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of a batch: 1 (amplitude), or 3 (amplitude, Re P, Im P) for probe conditioning."""
+        return 1 if self.config.aberration_ranges is None else 3
+
+    def _probes(self, u: torch.Tensor) -> torch.Tensor:
+        """Centred complex probes (B, N, N) for uniform numbers ``u`` (B, 7) mapped into the aberration ranges."""
+        geometry = self.model.geometry
+        vectors = self.config.aberration_ranges.from_uniform(u.cpu().numpy())
+        probes = np.stack([geometry.replace(aberrations=from_cartesian(v)).probe for v in vectors])
+        return torch.as_tensor(probes, dtype=torch.complex64, device=self.model.device)
 
     def _images_for(self, index: int, n: int) -> torch.Tensor | None:
         """The bank of object images (values in [0, 1]) of batch ``index`` of ``n`` samples, made when first needed."""
@@ -238,7 +290,8 @@ class TrainingStream:
         return self._bank[1]
 
     def _simulate(self, x: torch.Tensor, y: torch.Tensor, seed: int, bank: torch.Tensor | None) -> None:
-        """Fill ``x`` (network inputs) and ``y`` (targets), (B, N, N) each, with the samples of one random stream."""
+        """Fill ``x`` (network inputs, (B, C, N, N)) and ``y`` (targets, (B, N, N)) with the samples of one random
+        stream."""
         config = self.config
         n = len(x)
         geometry = self.model.geometry
@@ -255,10 +308,16 @@ class TrainingStream:
         phase = images.mul_(phase_max)
         log_lo, log_hi = math.log(config.electrons_range[0]), math.log(config.electrons_range[1])
         electrons = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=generator, device=device))
-        counts = _poisson(self.model.intensity(phase).mul_(electrons[:, None, None]), generator)
+        probes = mask = None
+        if config.aberration_ranges is not None:
+            u = torch.rand(n, 7, generator=generator, device=device, dtype=torch.float64)
+            probes = self._probes(u)
+            x[:, 1:] = probe_channels(probes)
+            mask = conditioning_mask(x, geometry.mask_threshold)[:, 0]
+        counts = _poisson(self.model.intensity(phase, probes=probes).mul_(electrons[:, None, None]), generator)
         n_pixels = geometry.detector_shape[0] * geometry.detector_shape[1]
-        torch.sqrt(counts.mul_((n_pixels / electrons)[:, None, None]), out=x)  # network_input
-        self.model._target(phase, out=y)
+        torch.sqrt(counts.mul_((n_pixels / electrons)[:, None, None]), out=x[:, 0])  # network_input
+        self.model._target(phase, out=y, mask=mask)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
@@ -381,6 +440,9 @@ def _poisson(rate: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def write_training_set(path: str | Path, stream: TrainingStream, n_samples: int, overwrite: bool = False) -> Path:
     """Write ``n_samples`` from ``stream`` to an HDF5 file (datasets ``inputs``, ``targets``, ``mask``).
 
+    ``inputs`` has the stream's channels (3 for a probe-conditioned stream, whose per-sample masks follow from them
+    with :func:`conditioning_mask`; ``mask`` is then the geometry's reference mask).
+
     The file carries the geometry as JSON in its attributes. Written to a temporary file and renamed, so a
     crash never leaves a half-written file.
     """
@@ -398,7 +460,7 @@ def write_training_set(path: str | Path, stream: TrainingStream, n_samples: int,
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     shape = stream.model.geometry.detector_shape
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        inputs = f.create_dataset("inputs", (n_samples, 1, *shape), dtype="float32")
+        inputs = f.create_dataset("inputs", (n_samples, stream.in_channels, *shape), dtype="float32")
         targets = f.create_dataset("targets", (n_samples, 1, *shape), dtype="float32")
         f.create_dataset("mask", data=stream.model.geometry.mask)
         f.attrs["geometry"] = json.dumps(stream.model.geometry.to_dict())

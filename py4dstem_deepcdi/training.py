@@ -23,28 +23,30 @@ from tqdm.auto import tqdm
 from .backend import torch_device
 from .io import atomic_path
 from .models import DeepCDIModel
-from .network import ResUNet, count_parameters
+from .network import ResUNet, count_parameters, load_widened
 from .probe import ProbeGeometry
-from .simulation import StreamConfig, TrainingStream
+from .simulation import StreamConfig, TrainingStream, conditioning_mask
 
 CHECKPOINT_FORMAT = "py4dstem-deepcdi-checkpoint"
 VALIDATION_WORKER = 10_000  # the validation set is drawn by a worker id no training run uses
 
 
 def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean |prediction − target| inside ``mask``, averaged over the batch (rad)."""
-    mask = mask.to(prediction.dtype)
-    per_sample = ((prediction - target).abs() * mask).sum((-3, -2, -1)) / (mask.sum() * prediction.shape[-3])
+    """Per-sample mean |prediction − target| inside ``mask``, averaged over the batch (rad).
+
+    ``prediction`` and ``target`` are (B, 1, N, N); ``mask`` is one (N, N) mask or one per sample (B, 1, N, N).
+    """
+    mask = mask.to(prediction.dtype).expand_as(prediction)
+    per_sample = ((prediction - target).abs() * mask).sum((-3, -2, -1)) / mask.sum((-3, -2, -1)).clamp_min(1)
     return per_sample.mean()
 
 
 def masked_correlation(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of prediction and target inside ``mask``, per sample (B,)."""
-    m = mask.to(prediction.dtype)
-    n = m.sum()
+    """Pearson correlation of prediction and target inside ``mask`` ((N, N) or (B, 1, N, N)), per sample (B,)."""
+    m = mask.to(prediction.dtype).expand_as(prediction).flatten(1)
+    n = m.sum(1, keepdim=True).clamp_min(1)
     p = prediction.flatten(1)
     t = target.flatten(1)
-    m = m.flatten().expand_as(p)
     p = (p - (p * m).sum(1, keepdim=True) / n) * m
     t = (t - (t * m).sum(1, keepdim=True) / n) * m
     return (p * t).sum(1) / torch.sqrt((p * p).sum(1) * (t * t).sum(1)).clamp_min(1e-12)
@@ -76,7 +78,11 @@ class TrainConfig:
     seed
         Seed of the data stream, the initial weights and dropout.
     stream
-        The training-set settings (doses, phase range, mix, batch size).
+        The training-set settings (doses, phase range, mix, batch size; ``aberration_ranges`` makes the network
+        probe-conditioned).
+    init_from
+        Start from the weights of this model (file path or shipped name), e.g. a probe-conditioned network from a
+        fixed-probe one of the same width and depth (its extra input weights start at zero).
     """
 
     steps: int = 20_000
@@ -93,6 +99,7 @@ class TrainConfig:
     max_minutes: float | None = None
     seed: int = 0
     stream: StreamConfig = field(default_factory=StreamConfig)
+    init_from: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stream, dict):
@@ -173,13 +180,15 @@ class Trainer:
         self.device = torch_device(device)
         self.checkpoint = Path(checkpoint) if checkpoint else None
         torch.manual_seed(self.config.seed)
-        self.network = ResUNet(self.config.width, self.config.depth, self.config.dropout).to(self.device)
-        self.network = self.network.to(memory_format=torch.channels_last)
+        self.stream = TrainingStream(geometry, self.config.stream, seed=self.config.seed, device=str(self.device))
+        self.network = ResUNet(self.config.width, self.config.depth, self.config.dropout, self.stream.in_channels)
+        if self.config.init_from:
+            self._warm_start(self.config.init_from)
+        self.network = self.network.to(self.device, memory_format=torch.channels_last)
         if self.config.optimizer == "adam":
             self.optimizer = torch.optim.Adam(self.network.parameters(), lr=self.config.lr)
         else:
             self.optimizer = torch.optim.SGD(self.network.parameters(), lr=self.config.lr)
-        self.stream = TrainingStream(geometry, self.config.stream, seed=self.config.seed, device=str(self.device))
         self.mask = self.stream.model.mask
         self.step = 0
         self.elapsed = 0.0
@@ -199,6 +208,25 @@ class Trainer:
         geometry = ProbeGeometry.from_dict(json.loads(payload["geometry"]))
         config.update(changes)
         return cls(geometry, TrainConfig(**config), checkpoint=checkpoint, device=device)
+
+    def _warm_start(self, source: str) -> None:
+        from .models import as_model  # noqa: PLC0415
+
+        model = as_model(source)
+        mine, theirs = self.network.config(), model.network.config()
+        if (mine["width"], mine["depth"]) != (theirs["width"], theirs["depth"]):
+            raise ValueError(
+                f"init_from {source!r} is a width {theirs['width']}, depth {theirs['depth']} network; this run trains "
+                f"width {mine['width']}, depth {mine['depth']}: use the same --width and --depth"
+            )
+        self.geometry.check_compatible(model.geometry, aberration_atol=float("inf"), what="init_from model")
+        load_widened(self.network, model.network.state_dict())
+
+    def loss_mask(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The illuminated mask(s) the loss is taken over: the geometry's, or one per sample when conditioned."""
+        if self.stream.in_channels == 1:
+            return self.mask
+        return conditioning_mask(inputs, self.geometry.mask_threshold)
 
     # ------------------------------------------------------------------ validation
     def validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,10 +255,11 @@ class Trainer:
                 predictions.append(self.network(x[start : start + 256].contiguous(memory_format=torch.channels_last)).float())
         self.network.train()
         p = torch.cat(predictions)
+        mask = self.loss_mask(x)
         return {
-            "val_l1": float(masked_l1(p, y, self.mask)),
-            "val_corr": float(masked_correlation(p, y, self.mask).mean()),
-            "val_l1_zero": float(masked_l1(torch.zeros_like(y), y, self.mask)),
+            "val_l1": float(masked_l1(p, y, mask)),
+            "val_corr": float(masked_correlation(p, y, mask).mean()),
+            "val_l1_zero": float(masked_l1(torch.zeros_like(y), y, mask)),
         }
 
     @property
@@ -258,10 +287,10 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         payload = _read_checkpoint(self.checkpoint)
-        saved = json.loads(payload["config"])
+        saved = json.loads(json.dumps(TrainConfig(**json.loads(payload["config"])).to_dict()))  # newer defaults filled
         mine = json.loads(json.dumps(self.config.to_dict()))
         # the budget and the schedule's length may change between runs; everything else must match
-        different = [k for k in mine if k not in ("max_minutes", "steps") and saved.get(k) != mine[k]]
+        different = [k for k in mine if k not in ("max_minutes", "steps", "init_from") and saved.get(k) != mine[k]]
         if different:
             raise ValueError(
                 f"checkpoint {str(self.checkpoint)!r} was made with other settings ({', '.join(different)}); "
@@ -295,7 +324,7 @@ class Trainer:
             x, y = self.stream.batch(self.step)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
                 prediction = self.network(x.contiguous(memory_format=torch.channels_last))
-            loss = masked_l1(prediction.float(), y, self.mask)
+            loss = masked_l1(prediction.float(), y, self.loss_mask(x))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.detach().item()} at step {self.step}; lower the learning rate")
             self.optimizer.zero_grad(set_to_none=True)
@@ -331,7 +360,7 @@ class Trainer:
     def export(self, name: str = "unnamed", description: str = "") -> DeepCDIModel:
         """The trained network as a :class:`DeepCDIModel` with its metadata (training set, length, validation)."""
         last = self.history[-1] if self.history else self.validate()
-        network = ResUNet(self.config.width, self.config.depth, self.config.dropout)
+        network = ResUNet(**self.network.config())
         network.load_state_dict({k: v.cpu() for k, v in self.network.state_dict().items()})
         metadata = {
             "name": name,

@@ -26,7 +26,7 @@ def model_file(tmp_path_factory):
 def test_help_is_microscopist_readable():
     out = subprocess.run([sys.executable, "-m", "py4dstem_deepcdi.cli", "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
-    for word in ("demo", "simulate", "train", "reconstruct", "info"):
+    for word in ("demo", "simulate", "train", "reconstruct", "recover-probe", "info"):
         assert word in out
     out = subprocess.run([sys.executable, "-m", "py4dstem_deepcdi.cli", "reconstruct", "--help"], capture_output=True,
                          text=True, cwd=ROOT, check=True).stdout
@@ -64,3 +64,35 @@ def test_reconstruct_errors_are_clear(tmp_path, model_file, capsys):
     code = main(["reconstruct", str(tmp_path / "junk.h5"), "--output", str(tmp_path / "p.h5"), "--energy", "300e3",
                  "--semiangle", "17.1"])
     assert code == 2 and "not a readable" in capsys.readouterr().err
+
+
+def test_recover_probe_then_reconstruct_with_it(tmp_path, model_file, capsys):
+    """`recover-probe` writes the aberrations (JSON) and a figure; `reconstruct --probe` uses them; a fixed-probe
+    model is refused with the reason."""
+    import json
+
+    from py4dstem_deepcdi.probe import AberrationRanges, ProbeGeometry
+
+    geometry = ProbeGeometry(300e3, 17.1, angular_sampling=2.0, aberrations={"C10": -100.0}, mask_threshold=0.1)
+    ranges = AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
+    conditioned = tmp_path / "cond.pt"
+    DeepCDIModel(ResUNet(width=0.125, depth=2, in_channels=3).eval(), geometry,
+                 {"name": "c", "training_set": {"aberration_ranges": ranges.to_dict()}}).save(conditioned)
+    data = tmp_path / "data.h5"
+    assert main(["simulate", "--output", str(data), "--scan", "10", "10", "--step", "0.3"]) == 0
+    common = ["--energy", "300e3", "--semiangle", "17.1", "--rotation", "0", "--no-transpose", "--quiet"]
+    found = tmp_path / "probe.json"
+    assert main(["recover-probe", str(data), "--output", str(found), "--model", str(conditioned), "--pairs", "10",
+                 "--iterations", "3", "--trials", "4", "--png", str(tmp_path / "probe.png"), *common]) == 0
+    result = json.loads(found.read_text())
+    assert set(result["aberrations"]) >= {"C10", "C12", "phi12"} and len(result["history"]) == 3
+    assert (tmp_path / "probe.png").stat().st_size > 1000
+    out = tmp_path / "phase.h5"
+    assert main(["reconstruct", str(data), "--output", str(out), "--model", str(conditioned), "--probe", str(found),
+                 "--precision", "fp32", *common]) == 0
+    stored = read_reconstruction(out)["metadata"]["geometry"]["aberrations"]
+    assert stored["C10"] == pytest.approx(result["aberrations"]["C10"])
+    capsys.readouterr()
+    code = main(["recover-probe", str(data), "--output", str(tmp_path / "x.json"), "--model", str(model_file), *common])
+    assert code == 2 and "needs a probe-conditioned model" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -78,3 +78,23 @@ def test_model_for_another_geometry_is_refused(model, geometry):
     model.check_compatible(geometry)
     with pytest.raises(ValueError, match=r"semiangle_cutoff \(mrad\): model 17.1 vs data 20"):
         model.check_compatible(geometry.replace(semiangle_cutoff=20.0))
+
+
+def test_probe_conditioned_model_file_and_compatibility(tmp_path, geometry):
+    from py4dstem_deepcdi.probe import AberrationRanges
+
+    ranges = AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
+    model = DeepCDIModel(
+        ResUNet(width=0.125, depth=2, in_channels=3).eval(), geometry, {"training_set": {"aberration_ranges": ranges.to_dict()}}
+    )
+    again = load_model(model.save(tmp_path / "c.pt"))
+    assert again.conditioned and again.network.in_channels == 3 and again.aberration_ranges == ranges
+    again.check_compatible(geometry.replace(aberrations={"C10": -70.0, "C21": 250.0, "phi21": 1.0}))
+    with pytest.raises(ValueError, match="C10 = -20"):
+        again.check_compatible(geometry.replace(aberrations={"C10": -20.0}))
+    with pytest.raises(ValueError, match="energy"):
+        again.check_compatible(geometry.replace(energy=200e3))
+    fixed = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "fixed"})
+    assert not fixed.conditioned and fixed.aberration_ranges is None
+    with pytest.raises(ValueError, match="recover_probe needs a probe-conditioned model"):
+        fixed.require_conditioned("recover_probe")

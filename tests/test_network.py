@@ -35,3 +35,27 @@ def test_bad_input_shapes():
         net(torch.zeros(1, 1, 30, 30))
     with pytest.raises(ValueError):
         ResUNet(width=0)
+
+
+def test_probe_conditioned_network_and_widening():
+    """A 3-channel network started from a 1-channel one computes exactly what it did, whatever the probe channels."""
+    from py4dstem_deepcdi.network import load_widened
+
+    torch.manual_seed(0)
+    fixed = ResUNet(width=0.25, depth=2).eval()
+    for module in fixed.modules():  # non-trivial normalisation statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    conditioned = ResUNet(width=0.25, depth=2, in_channels=3).eval()
+    assert conditioned.config()["in_channels"] == 3
+    load_widened(conditioned, fixed.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(conditioned(x), fixed(x[:, :1]))
+    with pytest.raises(ValueError, match=r"\(B, 3, N, N\)"):
+        conditioned(x[:, :1])
+    with pytest.raises(ValueError, match="in_channels"):
+        ResUNet(in_channels=2)
+    with pytest.raises(ValueError, match="cannot widen"):
+        load_widened(ResUNet(width=0.125, depth=2), fixed.state_dict())

@@ -313,3 +313,53 @@ def test_stream_objects_come_from_a_shared_bank(geometry):
     assert stream._bank[1] is bank  # the same bank serves the next batches
     stream.batch(period)
     assert stream._bank[1] is not bank and not torch.equal(stream._bank[1], bank)
+
+
+def test_per_pattern_probes_and_masks(model, geometry):
+    """Given the geometry's own probe per pattern, the forward model and the target are those of the fixed probe;
+    another probe's patterns still sum to 1 (Parseval)."""
+    from py4dstem_deepcdi.simulation import conditioning_mask, probe_channels
+
+    phase = random_phase(3)
+    probes = torch.as_tensor(np.stack([geometry.probe] * 3), dtype=torch.complex64)
+    torch.testing.assert_close(model.intensity(phase, probes=probes), model.intensity(phase), atol=1e-7, rtol=1e-5)
+    shifts = torch.tensor([[0.3, -0.2]] * 3)
+    torch.testing.assert_close(model.intensity(phase, shifts, probes), model.intensity(phase, shifts), atol=1e-7, rtol=1e-5)
+    other = geometry.replace(aberrations={"C10": -70.0, "C21": 200.0})
+    intensity = model.intensity(phase, probes=torch.as_tensor(np.stack([other.probe] * 3), dtype=torch.complex64))
+    np.testing.assert_allclose(intensity.sum((-2, -1)).numpy(), 1.0, rtol=1e-5)
+    channels = probe_channels(other.probe)
+    assert channels.shape == (2, 32, 32) and float(torch.hypot(channels[0], channels[1]).max()) == pytest.approx(1.0)
+    x = torch.cat([torch.zeros(1, 1, 32, 32), channels[None]], 1)
+    np.testing.assert_array_equal(conditioning_mask(x, geometry.mask_threshold)[0, 0].numpy(), other.mask)
+    masks = torch.as_tensor(np.stack([other.mask] * 3))
+    target = model._target(phase, mask=masks)
+    assert float(target[:, ~torch.as_tensor(other.mask)].abs().max()) == 0
+    np.testing.assert_allclose(target[:, torch.as_tensor(other.mask)].mean(1).numpy(), 0, atol=1e-6)
+
+
+def test_probe_conditioned_stream(geometry):
+    """Every sample of a conditioned stream is simulated with the probe shown in its channels, within the ranges."""
+    from py4dstem_deepcdi.probe import AberrationRanges
+    from py4dstem_deepcdi.simulation import conditioning_mask, probe_channels
+
+    ranges = AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
+    config = StreamConfig(batch_size=6, aberration_ranges=ranges, electrons_range=(1e12, 1e12))
+    stream = TrainingStream(geometry, config, seed=4)
+    assert stream.in_channels == 3
+    x, y = stream.batch(0)
+    assert x.shape == (6, 3, 32, 32) and y.shape == (6, 1, 32, 32)
+    torch.testing.assert_close(stream.batch(0)[0], x)  # reproducible
+    masks = conditioning_mask(x, geometry.mask_threshold)
+    assert len({int(m.sum()) for m in masks}) > 1  # the probes (and their masks) differ
+    assert float(y[~masks].abs().max()) == 0
+    # with empty objects and (almost) no noise, each pattern is |FFT P|² of the probe shown in its channels
+    flat = TrainingStream(geometry, config, seed=5)
+    flat.source.sample = lambda n, shape, sampling, generator: torch.zeros(n, *shape)
+    x, _ = flat.batch(0)
+    probe = torch.complex(x[:, 1], x[:, 2]).numpy()
+    probe /= np.sqrt((np.abs(probe) ** 2).sum((-2, -1), keepdims=True))
+    expected = np.abs(np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(probe, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))) ** 2
+    np.testing.assert_allclose(x[:, 0].numpy() ** 2 / 1024, expected, atol=2e-5)
+    with pytest.raises(ValueError, match="too wide"):
+        TrainingStream(geometry, StreamConfig(aberration_ranges=AberrationRanges()))

@@ -127,3 +127,42 @@ def test_bad_settings():
         TrainConfig(optimizer="lbfgs")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+
+
+def test_masked_losses_with_one_mask_per_sample():
+    torch.manual_seed(0)
+    p, t = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    masks = torch.rand(3, 1, 8, 8) > 0.5
+    expected = torch.stack([(p[i] - t[i]).abs()[masks[i]].mean() for i in range(3)]).mean()
+    assert float(masked_l1(p, t, masks)) == pytest.approx(float(expected), rel=1e-6)
+    corr = masked_correlation(p, t, masks)
+    for i in range(3):
+        a, b = p[i][masks[i]], t[i][masks[i]]
+        assert float(corr[i]) == pytest.approx(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), abs=1e-5)
+
+
+def test_probe_conditioned_training_from_a_fixed_model(tmp_path, geometry):
+    """A conditioned run warm-started from a fixed-probe model begins with that model's predictions, trains with
+    per-sample masks, exports a conditioned model and resumes from its checkpoint."""
+    from py4dstem_deepcdi.models import DeepCDIModel
+    from py4dstem_deepcdi.network import ResUNet
+    from py4dstem_deepcdi.probe import AberrationRanges
+
+    fixed = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "fixed"})
+    fixed_path = fixed.save(tmp_path / "fixed.pt")
+    ranges = AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
+    config = small_config(stream=StreamConfig(batch_size=4, aberration_ranges=ranges), init_from=str(fixed_path))
+    trainer = Trainer(geometry, config, checkpoint=tmp_path / "c.ckpt")
+    x, _ = trainer.validation_set()
+    trainer.network.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.network(x), fixed.network(x[:, :1]))
+    trainer.network.train()
+    assert trainer.loss_mask(x).shape == (16, 1, 32, 32)
+    trainer.train(progress=False, until=4)
+    model = trainer.export("c")
+    assert model.conditioned and model.aberration_ranges == ranges
+    again = Trainer(geometry, config, checkpoint=tmp_path / "c.ckpt")
+    assert again.step == 4
+    with pytest.raises(ValueError, match="width"):
+        Trainer(geometry, small_config(width=0.25, stream=config.stream, init_from=str(fixed_path)))

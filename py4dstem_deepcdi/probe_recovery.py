@@ -1,0 +1,481 @@
+"""Probe recovery: the 7 aberrations from the data alone, with a probe-conditioned network.
+
+For a candidate probe θ (the 7 parameters), the network retrieves the phase patches φ_i of a set of scan positions
+given θ; for every pair (i, j) of neighbouring positions, shifted by s_ij = (r_j − r_i) / pixel, the patches must
+agree where both are illuminated, up to their unknown constant offsets:
+
+    L(θ) = mean over pairs of  Σ_r w |d(r) − d̄| / Σ_r w,   d(r) = φ_i(r) − φ_j(r − s_ij),   w = mask_i(r) mask_j(r − s_ij)
+
+(d̄ the w-weighted mean of d). With ``normalize=True`` (default) each pair's disagreement is divided by the spread of
+its two patches over the overlap, so a probe for which the network returns flat patches cannot win. L is minimised
+by the paper's stochastic search: ``n_trials`` random candidates around the current best per iteration, the search
+radius shrinking geometrically from half the ranges to ``final_radius`` of them.
+
+py4DSTEM's own answer for comparison: ePIE with probe updates, whose probe is reduced to the same 7 parameters by
+py4DSTEM's aberration-surface fit (:func:`fit_probe_aberrations`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .backend import torch_device
+from .inference import _prepared_for
+from .probe import CARTESIAN_NAMES, AberrationRanges, ProbeGeometry, from_cartesian, to_cartesian
+from .simulation import probe_channels
+
+#: A pair counts only where the bilinearly shifted mask of its partner is whole (all four neighbours inside).
+_WHOLE = 0.999
+#: Smallest overlap of a usable pair, as a fraction of the illuminated mask.
+MIN_OVERLAP = 0.2
+
+
+@dataclass
+class ProbeRecovery:
+    """Result of :func:`recover_probe`.
+
+    Attributes
+    ----------
+    aberrations
+        Recovered probe parameters (py4DSTEM polar names; Å and rad). Pass the object itself as
+        ``DeepCDIReconstruction(..., probe=result)``.
+    initial
+        The starting parameters.
+    loss, initial_loss
+        Overlap disagreement of the recovered and of the initial probe.
+    history
+        Best loss after each iteration (n_iterations,).
+    trial_losses
+        Loss of every candidate (n_iterations, n_trials).
+    path
+        Best parameters after each iteration, Cartesian (n_iterations, 7) in Å (:data:`CARTESIAN_NAMES`).
+    pairs
+        (P, 2) indices of the neighbouring positions used; ``positions`` (J, 2) their positions (Å).
+    geometry
+        The model's geometry with the recovered aberrations.
+    initial_geometry
+        The model's geometry with the initial aberrations.
+    time_s
+        Wall time of the search (s); ``evaluations`` the number of candidates evaluated.
+    settings
+        The search settings.
+    """
+
+    aberrations: dict[str, float]
+    initial: dict[str, float]
+    loss: float
+    initial_loss: float
+    history: np.ndarray
+    trial_losses: np.ndarray
+    path: np.ndarray
+    pairs: np.ndarray
+    positions: np.ndarray
+    geometry: ProbeGeometry
+    initial_geometry: ProbeGeometry
+    time_s: float
+    evaluations: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def visualize(self, path: str | Path | None = None, figsize=(13, 3.6)):
+        """Figure: initial and recovered probe (real-space amplitude with the phase of its Fourier transform, the
+        aberration function, inside the aperture) and the loss curve. Returns the figure; saved to ``path`` if given.
+        """
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+
+        from .io import atomic_path  # noqa: PLC0415
+
+        fig, axes = plt.subplots(1, 5, figsize=figsize)
+        for k, (label, geometry) in enumerate((("initial", self.initial_geometry), ("recovered", self.geometry))):
+            n = geometry.detector_shape[0]
+            extent = np.array([-0.5, n - 0.5, n - 0.5, -0.5]) - n // 2
+            axes[2 * k].imshow(np.abs(geometry.probe), cmap="gray", extent=extent * geometry.sampling[0])
+            axes[2 * k].contour(
+                np.arange(n) * geometry.sampling[0] - n // 2 * geometry.sampling[0],
+                np.arange(n) * geometry.sampling[0] - n // 2 * geometry.sampling[0],
+                geometry.mask.T.astype(float), [0.5], colors="tab:orange", linewidths=0.8,
+            )
+            axes[2 * k].set_title(f"{label} |P(r)|, mask")
+            axes[2 * k].set_xlabel("Å")
+            fourier = geometry.probe_fourier
+            chi = np.where(np.abs(fourier) > 0.1 * np.abs(fourier).max(), -np.angle(fourier), np.nan)
+            axes[2 * k + 1].imshow(chi, cmap="twilight", vmin=-np.pi, vmax=np.pi, extent=extent * geometry.angular_sampling)
+            ab = geometry.aberrations
+            axes[2 * k + 1].set_title(f"{label} χ(k): C10 {ab['C10']:.0f}, C12 {ab['C12']:.0f} Å", fontsize=9)
+            axes[2 * k + 1].set_xlabel("mrad")
+        axes[4].semilogy(np.arange(1, len(self.history) + 1), self.history, label="best")
+        axes[4].semilogy(np.arange(1, len(self.history) + 1), self.trial_losses.min(1), ".", ms=3, label="best trial")
+        axes[4].axhline(self.initial_loss, color="grey", ls=":", label="initial")
+        axes[4].set_xlabel("iteration")
+        axes[4].set_ylabel("overlap disagreement")
+        axes[4].legend(fontsize=8)
+        fig.tight_layout()
+        if path is not None:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+        return fig
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (parameters, losses, time, settings)."""
+        return {
+            "aberrations": self.aberrations,
+            "initial": self.initial,
+            "loss": self.loss,
+            "initial_loss": self.initial_loss,
+            "history": self.history.tolist(),
+            "time_s": self.time_s,
+            "evaluations": self.evaluations,
+            "n_pairs": len(self.pairs),
+            "settings": self.settings,
+        }
+
+    def __repr__(self) -> str:
+        ab = ", ".join(f"{k}={v:.4g}" for k, v in self.aberrations.items())
+        return (
+            f"ProbeRecovery({ab}; loss {self.initial_loss:.4g} -> {self.loss:.4g}, {len(self.pairs)} pairs, "
+            f"{self.evaluations} candidates in {self.time_s:.1f} s)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+def neighbour_pairs(
+    scan_shape: tuple[int, int], stride: int, n_pairs: int, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of scan positions ``stride`` steps apart along either scan axis, from a compact block of the scan.
+
+    The block is the smallest m×m grid (stride apart, 2m(m−1) pairs) giving ``n_pairs`` pairs, placed at random
+    (``rng``) or in the centre; if the scan is too small, every pair it has. Returns ``(indices, pairs)``: the raster
+    indices of the positions used (M,) and the pairs (P, 2) as positions into ``indices``.
+    """
+    rx, ry = (int(n) for n in scan_shape)
+    stride = max(1, int(stride))
+    counts = [(rx - 1) // stride + 1, (ry - 1) // stride + 1]  # grid points along each axis
+    m = 2
+    while 2 * m * (m - 1) < n_pairs and (m < counts[0] or m < counts[1]):
+        m += 1
+    mx, my = min(m, counts[0]), min(m, counts[1])
+    if mx * (my - 1) + my * (mx - 1) == 0:
+        raise ValueError(
+            f"the scan ({rx}×{ry} positions) has no pair of positions {stride} step(s) apart: probe recovery needs "
+            "a 2-D scan (or at least a line) of overlapping positions"
+        )
+    span_x, span_y = (mx - 1) * stride, (my - 1) * stride
+    if rng is None:
+        x0, y0 = (rx - 1 - span_x) // 2, (ry - 1 - span_y) // 2
+    else:
+        x0, y0 = int(rng.integers(0, rx - span_x)), int(rng.integers(0, ry - span_y))
+    gx, gy = np.meshgrid(x0 + stride * np.arange(mx), y0 + stride * np.arange(my), indexing="ij")
+    indices = (gx * ry + gy).ravel()
+    local = np.arange(mx * my).reshape(mx, my)
+    pairs = np.concatenate(
+        [np.stack([local[:-1].ravel(), local[1:].ravel()], 1), np.stack([local[:, :-1].ravel(), local[:, 1:].ravel()], 1)]
+    )
+    if rng is not None:
+        pairs = pairs[rng.permutation(len(pairs))]
+    return indices, pairs[: max(1, int(n_pairs))]
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+class OverlapLoss:
+    """The overlap disagreement L(θ) of a fixed set of patterns and pairs, for batches of candidate probes.
+
+    Parameters
+    ----------
+    model
+        A probe-conditioned :class:`~py4dstem_deepcdi.models.DeepCDIModel`.
+    amplitudes
+        (M, N, N) network inputs of the positions used.
+    positions
+        (M, 2) their positions (Å).
+    pairs
+        (P, 2) index pairs into ``amplitudes``.
+    normalize
+        Divide each pair's disagreement by the spread of its patches over the overlap.
+    precision, device, batch_size
+        Network arithmetic, device and patterns per forward pass.
+    """
+
+    def __init__(
+        self,
+        model,
+        amplitudes: np.ndarray,
+        positions: np.ndarray,
+        pairs: np.ndarray,
+        normalize: bool = True,
+        precision: str = "bf16",
+        device: str = "cpu",
+        batch_size: int = 2048,
+    ):
+        model.require_conditioned("probe recovery")
+        self.model = model
+        self.device = torch_device(device)
+        self.net = _prepared_for(model, precision, self.device, False)
+        self.amplitudes = torch.as_tensor(np.asarray(amplitudes, dtype=np.float32), device=self.device)
+        self.pairs = torch.as_tensor(np.asarray(pairs), device=self.device).long()
+        self.normalize = bool(normalize)
+        self.batch_size = int(batch_size)
+        n0, n1 = model.geometry.detector_shape
+        shifts = (np.asarray(positions)[pairs[:, 1]] - np.asarray(positions)[pairs[:, 0]]) / np.asarray(model.geometry.sampling)
+        # grid_sample coordinates (align_corners=True: −1 and 1 are the first and last pixel centres) of r − s_ij
+        r0, r1 = np.meshgrid(np.arange(n0), np.arange(n1), indexing="ij")
+        rows = (r0[None] - shifts[:, 0, None, None]) * 2 / (n0 - 1) - 1
+        cols = (r1[None] - shifts[:, 1, None, None]) * 2 / (n1 - 1) - 1
+        self.grid = torch.as_tensor(np.stack([cols, rows], -1), dtype=torch.float32, device=self.device)  # (P, N, N, 2)
+
+    def geometries(self, vectors: np.ndarray) -> list[ProbeGeometry]:
+        """The model's geometry with each candidate's aberrations (Cartesian vectors (T, 7), Å)."""
+        return [self.model.geometry.replace(aberrations=from_cartesian(v)) for v in np.atleast_2d(vectors)]
+
+    @torch.inference_mode()
+    def patches(self, geometries: Sequence[ProbeGeometry]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-mean masked patches (T, M, N, N) and masks (T, N, N) for each candidate probe."""
+        t, (m, n0, n1) = len(geometries), self.amplitudes.shape
+        channels = probe_channels(np.stack([g.probe for g in geometries])).to(self.device)  # (T, 2, N, N)
+        masks = torch.as_tensor(np.stack([g.mask for g in geometries]), dtype=torch.float32, device=self.device)
+        out = torch.empty(t, m, n0, n1, device=self.device)
+        flat_out = out.view(t * m, n0, n1)
+        total = t * m
+        for start in range(0, total, self.batch_size):
+            stop = min(start + self.batch_size, total)
+            k = torch.arange(start, stop, device=self.device)
+            x = torch.cat([self.amplitudes[k % m, None], channels[k // m]], 1)
+            flat_out[start:stop] = self.net(x)[:, 0]
+        count = masks.sum((-2, -1))[:, None, None, None]
+        mean = (out * masks[:, None]).sum((-2, -1), keepdim=True) / count
+        return (out - mean) * masks[:, None], masks
+
+    @torch.inference_mode()
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        """Loss of each candidate (Cartesian vectors (T, 7), Å): (T,) numpy."""
+        geometries = self.geometries(vectors)
+        patches, masks = self.patches(geometries)
+        t, p = len(geometries), len(self.pairs)
+        first = patches[:, self.pairs[:, 0]]  # (T, P, N, N)
+        second = patches[:, self.pairs[:, 1]]
+        grid = self.grid.repeat(t, 1, 1, 1)
+        n0, n1 = first.shape[-2:]
+        moved = F.grid_sample(second.reshape(t * p, 1, n0, n1), grid, mode="bilinear", align_corners=True)
+        moved_mask = F.grid_sample(
+            masks[:, None].expand(t, p, n0, n1).reshape(t * p, 1, n0, n1), grid, mode="bilinear", align_corners=True
+        )
+        w = (moved_mask.view(t, p, n0, n1) > _WHOLE) * masks[:, None]
+        area = w.sum((-2, -1)).clamp_min(1)
+        d = first - moved.view(t, p, n0, n1)
+        d = d - (d * w).sum((-2, -1), keepdim=True) / area[..., None, None]
+        loss = (d.abs() * w).sum((-2, -1)) / area  # (T, P)
+        if self.normalize:
+            spread = torch.zeros_like(loss)
+            for values in (first, moved.view(t, p, n0, n1)):
+                centred = values - (values * w).sum((-2, -1), keepdim=True) / area[..., None, None]
+                spread += (centred.abs() * w).sum((-2, -1)) / area
+            loss = loss / spread.clamp_min(1e-6)
+        # a pair whose overlap is below MIN_OVERLAP of the mask tells nothing: it gets the worst loss of its
+        # candidate (1, the level of unrelated patches, when normalised), so a probe cannot win by not overlapping
+        usable = w.sum((-2, -1)) >= MIN_OVERLAP * masks.sum((-2, -1))[:, None]
+        worst = torch.where(usable, loss, torch.zeros_like(loss)).amax(1, keepdim=True)
+        penalty = torch.ones_like(worst) if self.normalize else torch.where(worst > 0, worst, torch.ones_like(worst))
+        return torch.where(usable, loss, penalty).mean(1).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- the search
+def recover_probe(
+    data,
+    model=None,
+    initial: Mapping[str, float] | None = None,
+    n_pairs: int = 100,
+    n_iterations: int = 50,
+    n_trials: int = 30,
+    *,
+    ranges: AberrationRanges | None = None,
+    search: Sequence[str] = ("C10", "C12", "C21", "C23"),
+    pair_distance: float | None = None,
+    final_radius: float = 0.02,
+    normalize: bool = True,
+    random_block: bool = False,
+    seed: int = 0,
+    precision: str = "bf16",
+    device: str | None = None,
+    progress: bool = True,
+    **reconstruction_kwargs: Any,
+) -> ProbeRecovery:
+    """Recover the probe's 7 aberration parameters from the data by minimising the overlap disagreement.
+
+    Parameters
+    ----------
+    data
+        A :class:`~py4dstem_deepcdi.DeepCDIReconstruction` built with a probe-conditioned model (preprocessed or
+        not), or a py4DSTEM DataCube; for a DataCube give ``energy`` and ``semiangle_cutoff`` (and any other
+        :class:`~py4dstem_deepcdi.DeepCDIReconstruction` argument) as keywords.
+    model
+        The probe-conditioned model (for a DataCube; a reconstruction brings its own).
+    initial
+        Starting parameters (polar names, Å/rad). None: a random probe inside the ranges, as in the paper.
+    n_pairs
+        Pairs of neighbouring positions compared.
+    n_iterations, n_trials
+        Search iterations, and random candidates evaluated per iteration.
+    ranges
+        Search ranges (default the model's training ranges; must lie inside them).
+    search
+        Which aberrations are searched (of C10, C12, C21, C23; an astigmatism, coma or threefold term is searched
+        with its angle); the others stay at ``initial``.
+    pair_distance
+        Distance of paired positions (Å); default the radius of the initial probe's illuminated mask (half overlap).
+    final_radius
+        Search radius at the last iteration, as a fraction of the first (half the ranges).
+    normalize
+        Normalise each pair's disagreement by its patches' spread (see the module docstring).
+    random_block
+        Take the block of positions at a random place of the scan (default: its centre).
+    seed
+        Seed of the random initial probe, the block and the candidates.
+    precision, device
+        Network arithmetic (``"bf16"``/``"fp32"``) and device (default the reconstruction's, else ``"cpu"``).
+    progress
+        tqdm progress bar.
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from .models import as_model  # noqa: PLC0415
+    from .reconstruction import DeepCDIReconstruction  # noqa: PLC0415
+
+    if not isinstance(data, DeepCDIReconstruction):
+        if model is None:
+            raise ValueError("give the probe-conditioned model: recover_probe(datacube, model, energy=..., semiangle_cutoff=...)")
+        as_model(model).require_conditioned("recover_probe")
+        if "energy" not in reconstruction_kwargs or "semiangle_cutoff" not in reconstruction_kwargs:
+            raise ValueError("recover_probe on a DataCube needs energy (eV) and semiangle_cutoff (mrad) keywords")
+        reconstruction_kwargs.setdefault("verbose", False)
+        if device:
+            reconstruction_kwargs["device"] = device
+        reference = initial if initial is not None else as_model(model).geometry.aberrations
+        data = DeepCDIReconstruction(data, model=model, probe=dict(reference), **reconstruction_kwargs)
+    elif model is not None and as_model(model) is not data.model:
+        raise ValueError("recover_probe got a reconstruction and another model; the reconstruction's model is used")
+    recon = data
+    model = recon.model
+    model.require_conditioned("recover_probe")
+    device = device or recon.device
+    for name in search:
+        if name not in ("C10", "C12", "C21", "C23"):
+            raise ValueError(f"search names aberrations among C10, C12, C21, C23 (angles come with them), got {name!r}")
+    for name, value in (("n_pairs", n_pairs), ("n_iterations", n_iterations), ("n_trials", n_trials)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 < final_radius <= 1:
+        raise ValueError(f"final_radius must lie in (0, 1], got {final_radius}")
+    trained = model.aberration_ranges
+    ranges = ranges or trained
+    if trained is not None and ranges is not trained:
+        lo, hi = ranges.bounds()
+        tlo, thi = trained.bounds()
+        if np.any(lo < tlo - 1e-9) or np.any(hi > thi + 1e-9):
+            raise ValueError(f"search ranges {ranges.to_dict()} leave the model's training ranges {trained.to_dict()} (Å)")
+    rng = np.random.default_rng(seed)
+    if recon.data is None:
+        recon.preprocess()
+    d = recon.data
+    if initial is None:
+        start = ranges.sample(1, rng)[0]
+    else:
+        start = to_cartesian(initial)
+        problems = ranges.contains(from_cartesian(start))
+        if problems:
+            raise ValueError(f"the initial probe lies outside the search ranges: {'; '.join(problems)}")
+    initial_geometry = model.geometry.replace(aberrations=from_cartesian(start))
+
+    if pair_distance is None:
+        pair_distance = math.sqrt(initial_geometry.mask_area / math.pi)
+    if not (math.isfinite(pair_distance) and pair_distance > 0):
+        raise ValueError(f"pair_distance must be a positive distance in Å, got {pair_distance}")
+    stride = max(1, round(pair_distance / min(d.scan_step)))
+    indices, pairs = neighbour_pairs(d.scan_shape, stride, n_pairs, rng if random_block else None)
+    loss = OverlapLoss(model, d.amplitudes[indices], d.positions[indices], pairs, normalize, precision, device)
+
+    active = np.zeros(7, dtype=bool)
+    for name in search:
+        active[[i for i, c in enumerate(CARTESIAN_NAMES) if c.startswith(name)]] = True
+    lo, hi = ranges.bounds()
+    radius0 = np.where(active, (hi - lo) / 2, 0.0)
+    t0 = time.perf_counter()
+    best = start.copy()
+    best_loss = initial_loss = float(loss(best[None])[0])
+    history, trials, path = [], [], []
+    bar = tqdm(range(int(n_iterations)), desc="probe search", disable=not progress)
+    for it in bar:
+        radius = radius0 * final_radius ** (it / max(int(n_iterations) - 1, 1))
+        candidates = ranges.clip(best + radius * rng.standard_normal((int(n_trials), 7)))
+        losses = loss(candidates)
+        k = int(np.argmin(losses))
+        if losses[k] < best_loss:
+            best, best_loss = candidates[k], float(losses[k])
+        history.append(best_loss)
+        trials.append(losses)
+        path.append(best.copy())
+        bar.set_postfix(loss=f"{best_loss:.4g}", C10=f"{best[0]:.1f}")
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    recovered = from_cartesian(best)
+    return ProbeRecovery(
+        aberrations=recovered,
+        initial=from_cartesian(start),
+        loss=best_loss,
+        initial_loss=initial_loss,
+        history=np.asarray(history),
+        trial_losses=np.asarray(trials),
+        path=np.asarray(path),
+        pairs=indices[pairs],
+        positions=d.positions[indices],
+        geometry=model.geometry.replace(aberrations=recovered),
+        initial_geometry=initial_geometry,
+        time_s=elapsed,
+        evaluations=1 + int(n_iterations) * int(n_trials),
+        settings={
+            "n_pairs": len(pairs), "n_iterations": int(n_iterations), "n_trials": int(n_trials),
+            "ranges": ranges.to_dict(), "search": list(search), "pair_distance_A": float(pair_distance),
+            "stride_steps": int(stride), "final_radius": float(final_radius), "normalize": bool(normalize),
+            "seed": int(seed), "precision": precision,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------- py4DSTEM's fit
+def fit_probe_aberrations(probe: np.ndarray, geometry: ProbeGeometry) -> dict[str, float]:
+    """The 7 parameters of a complex real-space probe (centred, ``geometry``'s grid), by py4DSTEM's aberration-surface
+    fit (``fit_aberration_surface``: unwrapped Fourier phase, amplitude-weighted least squares on the α^(m+1) cos/sin(nφ)
+    basis up to radial order 2 and angular order 3, whose coefficients are the Cartesian parameters in Å)."""
+    from py4DSTEM.process.phase.utils import aberrations_basis_function, fit_aberration_surface  # noqa: PLC0415
+
+    probe = np.asarray(probe)
+    if probe.shape != geometry.detector_shape or not np.iscomplexobj(probe):
+        raise ValueError(f"probe must be a complex array of the geometry's shape {geometry.detector_shape}, got {probe.dtype} {probe.shape}")
+    fourier = np.fft.fft2(np.fft.ifftshift(probe))  # corner-centred, as py4DSTEM keeps it
+    args = (geometry.detector_shape, geometry.sampling, geometry.energy, 3, 3)
+    _, coefficients = fit_aberration_surface(fourier, geometry.sampling, geometry.energy, 3, 3, True)
+    _, mn = aberrations_basis_function(*args)
+    names = {(1, 0, 0): "C10", (1, 2, 0): "C12a", (1, 2, 1): "C12b", (2, 1, 0): "C21a", (2, 1, 1): "C21b",
+             (2, 3, 0): "C23a", (2, 3, 1): "C23b"}
+    cartesian = dict.fromkeys(CARTESIAN_NAMES, 0.0)
+    for (m, n, a), c in zip(mn.tolist(), np.asarray(coefficients).tolist()):
+        if (m, n, a) in names:
+            cartesian[names[(m, n, a)]] = float(c)
+    return from_cartesian([cartesian[k] for k in CARTESIAN_NAMES])
+
+
+def aberration_errors(recovered: Mapping[str, float], truth: Mapping[str, float]) -> dict[str, float]:
+    """Errors of recovered parameters (Å): ``C10`` signed, and the vector error |Δ(a, b)| of C12, C21 and C23
+    (which accounts for the angle)."""
+    a, b = to_cartesian(recovered), to_cartesian(truth)
+    out = {"C10": float(a[0] - b[0])}
+    for i, name in enumerate(("C12", "C21", "C23")):
+        out[name] = float(np.hypot(*(a[1 + 2 * i : 3 + 2 * i] - b[1 + 2 * i : 3 + 2 * i])))
+    return out
+
