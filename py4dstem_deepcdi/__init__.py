@@ -7,9 +7,10 @@ __version__ = "0.1.0"
 
 from .models import DeepCDIModel, list_pretrained, load_model, load_pretrained
 from .network import ResUNet
-from .probe import POLAR_NAMES, ProbeGeometry
+from .probe import POLAR_NAMES, AberrationRanges, ProbeGeometry
 from . import reconstruction
 from .reconstruction import DeepCDIReconstruction, read_reconstruction, reconstruct_deepcdi
+from .probe_recovery import ProbeRecovery, recover_probe
 from .simulation import ForwardModel, SimulatedDataset, StreamConfig, TrainingStream, simulate_dataset
 from .training import TrainConfig, Trainer
 
@@ -20,6 +21,9 @@ __all__ = [
     "read_reconstruction",
     "reconstruct_deepcdi",
     "POLAR_NAMES",
+    "AberrationRanges",
+    "ProbeRecovery",
+    "recover_probe",
     "DeepCDIModel",
     "ForwardModel",
     "ProbeGeometry",
