@@ -101,7 +101,7 @@ class ProbeRecovery:
             axes[2 * k].contour(
                 np.arange(n) * geometry.sampling[0] - n // 2 * geometry.sampling[0],
                 np.arange(n) * geometry.sampling[0] - n // 2 * geometry.sampling[0],
-                geometry.mask.T.astype(float), [0.5], colors="tab:orange", linewidths=0.8,
+                geometry.mask.astype(float), [0.5], colors="tab:orange", linewidths=0.8,
             )
             axes[2 * k].set_title(f"{label} |P(r)|, mask")
             axes[2 * k].set_xlabel("Å")

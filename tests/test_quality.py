@@ -30,6 +30,26 @@ def test_shipped_model_is_listed_with_its_metadata(model):
         load_pretrained("nonexistent")
 
 
+def test_shipped_probe_conditioned_model_serves_probes_in_its_ranges():
+    """The conditioned model takes the probe as input: it reconstructs a lattice scanned with a probe other than its
+    reference (C10 −75 Å, astigmatism, coma) to the quality bar, and refuses probes outside its ranges."""
+    from py4dstem_deepcdi.probe import AberrationRanges
+
+    conditioned = load_pretrained("hbn-300kv-17mrad-probe")
+    assert conditioned.conditioned
+    assert conditioned.aberration_ranges == AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
+    probe = {"C10": -75.0, "C12": 15.0, "phi12": 0.7, "C21": 150.0, "phi21": 2.0}
+    dataset = simulate_dataset(conditioned.geometry.replace(aberrations=probe), scan_shape=(24, 24), seed=5)
+    g = conditioned.geometry
+    recon = DeepCDIReconstruction(
+        dataset.datacube, g.energy, g.semiangle_cutoff, model=conditioned, rotation_deg=0.0, transpose=False,
+        verbose=False, probe=probe,
+    ).preprocess().reconstruct(progress=False)
+    assert score_reconstruction(recon, dataset)["correlation"] >= MIN_CORRELATION
+    with pytest.raises(ValueError, match="C10 = -40"):
+        DeepCDIReconstruction(dataset.datacube, g.energy, g.semiangle_cutoff, model=conditioned, C10=-40.0)
+
+
 def reconstruct(model, dataset, **options):
     g = model.geometry
     recon = DeepCDIReconstruction(
