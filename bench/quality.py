@@ -27,7 +27,7 @@ def random_object(shape, phase_max=0.8, seed=0):
     return NoiseSource(beta_range=(2.5, 2.5)).sample(1, shape, (1.0, 1.0), g)[0].numpy() * phase_max
 
 
-def cases(scan: int, pixel: float):
+def cases(scan: int, pixel: float, random_seeds=(0,)):
     dose = 1.6e6  # e⁻/Å²: 1e5 electrons per pattern at 0.25 Å steps
     yield "lattice, step 0.25 Å (0.81 px)", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose), {}
     yield f"lattice, step {pixel:.4f} Å (1 px)", dict(scan_shape=(scan, scan), scan_step=pixel, dose=dose), {}
@@ -36,7 +36,8 @@ def cases(scan: int, pixel: float):
         yield f"lattice, every {n}th position", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose), {"subsample": n}
     yield "lattice, dose ÷10", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose / 10), {}
     yield "lattice, dose ×10", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose * 10), {}
-    yield "random object, step 0.25 Å", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose, phase="random"), {}
+    for seed in random_seeds:
+        yield f"random object {seed}, step 0.25 Å", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose, phase=("random", seed)), {}
 
 
 def main() -> None:
@@ -46,6 +47,9 @@ def main() -> None:
     parser.add_argument("--scan", type=int, default=40)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--tilt", action="store_true", help="stitch with per-patch tilts")
+    parser.add_argument("--random-seeds", type=int, nargs="+", default=[0], help="draws of the random object")
+    parser.add_argument("--weights", choices=("mask", "probe"), default="mask", help="patch averaging weights")
+    parser.add_argument("--symmetrize", action="store_true", help="average patches over the probe's symmetries")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = as_model(args.model)
@@ -53,17 +57,17 @@ def main() -> None:
     print(f"model {model!r}")
     print(f"| case | patterns | corr | corr (ramp removed) | RMS (rad) | phase scale | FRC 0.143 (Å) | time (s) |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, sim, options in cases(args.scan, g.sampling[0]):
-        if sim.get("phase") == "random":
+    for label, sim, options in cases(args.scan, g.sampling[0], args.random_seeds):
+        if "phase" in sim:
             margin = g.detector_shape[0] + 8
             extent = int(np.ceil(args.scan * sim["scan_step"] / g.sampling[0])) + margin
-            sim["phase"] = random_object((extent, extent))
+            sim["phase"] = random_object((extent, extent), seed=sim["phase"][1])
         ds = simulate_dataset(g, seed=1, **sim)
         start = time.perf_counter()
         recon = DeepCDIReconstruction(
             ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=ds.rotation_deg, transpose=False,
             verbose=False, **g.aberrations, **options,
-        ).preprocess().reconstruct(precision=args.precision, tilt=args.tilt)
+        ).preprocess().reconstruct(precision=args.precision, tilt=args.tilt, weights=args.weights, symmetrize=args.symmetrize)
         elapsed = time.perf_counter() - start
         plain = score_reconstruction(recon, ds)
         ramp = score_reconstruction(recon, ds, remove_ramp=True)

@@ -217,7 +217,9 @@ def _probe_file(path: Path) -> dict:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     recon = _reconstruction_from_args(args, probe=_probe_file(args.probe) if args.probe else None)
-    recon.preprocess().reconstruct(precision=args.precision, stitching=args.stitching, tilt=args.tilt)
+    recon.preprocess().reconstruct(
+        precision=args.precision, stitching=args.stitching, tilt=args.tilt, symmetrize=args.symmetrize
+    )
     recon.save(args.output, overwrite=args.overwrite)
     if args.png:
         recon.visualize(path=args.png)
@@ -346,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", type=Path, default=None, help="JSON file of `recover-probe` whose aberrations to use")
     p.add_argument("--stitching", choices=("lsq", "relaxation"), default="lsq")
     p.add_argument("--tilt", action="store_true", help="also solve per-patch phase tilts when stitching")
+    p.add_argument("--symmetrize", action="store_true", help="average each patch over the probe's symmetries (slower, more accurate)")
     p.add_argument("--png", type=Path, default=None, help="also write a figure")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_reconstruct)

@@ -339,11 +339,43 @@ def _check_values(batch: torch.Tensor, start: int, where: str) -> None:
         raise ValueError(f"{where} contains negative amplitudes (first in pattern {bad}); amplitudes are sqrt(counts) ≥ 0")
 
 
+# ---------------------------------------------------------------------------------------------------- symmetries
+def _reflect(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Reflection about the centre pixel N//2 (where the DC term and the probe centre sit): index i -> N - i mod N."""
+    return torch.roll(torch.flip(x, (dim,)), 1, dim)
+
+
+def apply_symmetry(x: torch.Tensor, t: int, inverse: bool = False) -> torch.Tensor:
+    """One of the 8 symmetries of the square on the last two axes, about pixel (N//2, N//2): ``t`` bit 4 transposes,
+    bit 1 reflects axis -2, bit 2 reflects axis -1 (transpose first; ``inverse`` undoes it)."""
+    steps = [("T", t & 4), ("0", t & 1), ("1", t & 2)]
+    for kind, on in reversed(steps) if inverse else steps:
+        if on:
+            x = x.transpose(-1, -2) if kind == "T" else _reflect(x, -2 if kind == "0" else -1)
+    return x
+
+
+def probe_symmetries(probe: np.ndarray, tolerance: float = 1e-6) -> list[int]:
+    """The symmetries of the square (see :func:`apply_symmetry`) that leave the complex probe unchanged.
+
+    A probe with only defocus (and a round aperture) has all 8; twofold astigmatism keeps 4 or fewer, coma or
+    threefold astigmatism fewer still. Under such a symmetry the forward model commutes with the transform, so the
+    network may be applied to the transformed pattern and its patch transformed back.
+    """
+    p = torch.as_tensor(np.asarray(probe))
+    scale = float(p.abs().max())
+    square = p.shape[-1] == p.shape[-2]
+    return [
+        t for t in range(8)
+        if (square or not t & 4) and float((apply_symmetry(p, t) - p).abs().max()) <= tolerance * scale
+    ]
+
+
 class _Runner:
     """Everything one prediction call needs: the prepared net, the mask, the batch size and the progress bar."""
 
     def __init__(self, model, batch_size: int, precision: str, device: str, compile: bool, progress: bool, total,  # noqa: A002
-                 geometry=None):
+                 geometry=None, symmetrize: bool = False):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -356,6 +388,7 @@ class _Runner:
             self.condition = probe_channels(geometry.probe).to(self.device)
         else:
             geometry = model.geometry
+        self.symmetries = probe_symmetries(geometry.probe) if symmetrize else [0]
         mask = torch.as_tensor(np.asarray(geometry.mask, dtype=np.float32), device=self.device)
         if tuple(mask.shape) != self.shape:
             raise ValueError(f"the probe's mask has shape {tuple(mask.shape)}, expected {self.shape}")
@@ -392,10 +425,13 @@ class _Runner:
                 if self.net.compiled and len(batch) < self.batch_size:
                     # one compiled graph per batch size: pad a short batch instead of recompiling (minutes)
                     batch = torch.cat([batch, batch.new_zeros((self.batch_size - len(batch), *self.shape))])
-                inputs = batch[:, None]
-                if self.condition is not None:
-                    inputs = torch.cat([inputs, self.condition.expand(len(batch), -1, -1, -1)], 1)
-                phase = self.net(inputs)[: stop - start, 0]
+                phase = 0
+                for t in self.symmetries:  # the probe is invariant under t: predict the turned pattern, turn back
+                    inputs = apply_symmetry(batch, t)[:, None]
+                    if self.condition is not None:
+                        inputs = torch.cat([inputs, self.condition.expand(len(batch), -1, -1, -1)], 1)
+                    phase = phase + apply_symmetry(self.net(inputs)[: stop - start, 0], t, inverse=True)
+                phase = phase / len(self.symmetries)
                 mean = (phase * self.mask).sum((-2, -1), keepdim=True) / self.mask_count
                 phase = (phase - mean) * self.mask
             out[start:stop] = phase.cpu().numpy()
@@ -414,6 +450,7 @@ def predict(
     compile: bool = False,  # noqa: A002
     progress: bool = False,
     geometry=None,
+    symmetrize: bool = False,
 ) -> np.ndarray:
     """Phase patches (rad) retrieved by the network from diffraction amplitudes.
 
@@ -441,6 +478,11 @@ def predict(
         For a probe-conditioned model: the :class:`~py4dstem_deepcdi.probe.ProbeGeometry` of the data, whose probe is
         fed to the network and whose mask bounds the patches (default the model's reference probe). Ignored by a
         fixed-probe model.
+    symmetrize
+        Average the network's patches over the symmetries of the square that leave the probe unchanged
+        (:func:`probe_symmetries`; all 8 for a defocused round probe): each pattern is turned, predicted and turned
+        back. Costs one network pass per symmetry; lowers the network's error (bench/quality.py: smooth random
+        objects +0.015 correlation with the truth).
 
     Returns
     -------
@@ -448,7 +490,8 @@ def predict(
         (J, N, N) float32 phase (rad), 0 outside the illuminated mask and zero-mean inside it.
     """
     amplitudes = _check_chunk(amplitudes, tuple(model.geometry.detector_shape), "amplitudes")
-    runner = _Runner(model, batch_size, precision, device, compile, progress, total=int(amplitudes.shape[0]), geometry=geometry)
+    runner = _Runner(model, batch_size, precision, device, compile, progress, total=int(amplitudes.shape[0]),
+                     geometry=geometry, symmetrize=symmetrize)
     try:
         return runner.run(amplitudes)
     finally:
@@ -466,6 +509,7 @@ def predict_batches(
     progress: bool = False,
     total: int | None = None,
     geometry=None,
+    symmetrize: bool = False,
 ) -> Iterator[np.ndarray]:
     """Stream :func:`predict` over chunks of a datacube too large for memory: yields one (J_i, N, N) array per chunk.
 
@@ -473,7 +517,8 @@ def predict_batches(
     only one chunk's input and output are held at a time. ``total`` (patterns) sizes the progress bar. Other
     parameters and the returned values are those of :func:`predict`.
     """
-    runner = _Runner(model, batch_size, precision, device, compile, progress, total=total, geometry=geometry)
+    runner = _Runner(model, batch_size, precision, device, compile, progress, total=total, geometry=geometry,
+                     symmetrize=symmetrize)
     try:
         for index, chunk in enumerate(chunks):
             yield runner.run(chunk, where=f"chunk {index}")

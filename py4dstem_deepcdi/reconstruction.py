@@ -227,6 +227,7 @@ class DeepCDIReconstruction:
         min_overlap: float = 0.25,
         weights: str = "mask",
         progress: bool | None = None,
+        symmetrize: bool = False,
     ) -> DeepCDIReconstruction:
         """Retrieve one phase patch per pattern with the network and stitch them into ``object_phase``.
 
@@ -246,6 +247,9 @@ class DeepCDIReconstruction:
             ``"mask"`` (plain average of overlapping patches) or ``"probe"`` (weighted by the probe intensity).
         progress
             Progress bar (default: ``verbose``).
+        symmetrize
+            Average every patch over the symmetries of the square that leave the probe unchanged (8 network passes
+            per pattern for a defocused round probe): slower, more accurate (see ``inference.predict``).
         """
         if self.data is None:
             self.preprocess()
@@ -255,7 +259,7 @@ class DeepCDIReconstruction:
         start = time.perf_counter()
         self.patches = predict(
             self.model, self.data.amplitudes, batch_size=batch_size, precision=precision, device=self.device,
-            progress=progress, geometry=self.probe_geometry,
+            progress=progress, geometry=self.probe_geometry, symmetrize=symmetrize,
         )
         self.timings["inference_s"] = time.perf_counter() - start
         geometry = self.probe_geometry
@@ -276,6 +280,7 @@ class DeepCDIReconstruction:
         self.stitch_info = {
             "method": stitching,
             "tilt": tilt,
+            "symmetrize": bool(symmetrize),
             "n_pairs": solution.n_pairs,
             "energy_before": solution.energy_before,
             "energy_after": solution.energy_after,

@@ -300,3 +300,38 @@ def test_real_compile_matches_eager(model, amplitudes):
     prepared = model.__dict__[inference._CACHE_ATTRIBUTE][("fp32", "cpu", True)][1]
     assert prepared.compiled
     assert np.abs(compiled - eager).max() < 1e-4 * np.abs(eager).max()
+
+
+def test_probe_symmetries_and_the_forward_model_commute(geometry):
+    """A defocused round probe is invariant under the 8 symmetries of the square about (N//2, N//2); twofold
+    astigmatism along axis 0 keeps the 4 reflections; coma fewer. Under a symmetry of the probe, turning the object
+    turns its diffraction pattern the same way (the reason symmetrized prediction is exact physics)."""
+    from py4dstem_deepcdi.inference import apply_symmetry, probe_symmetries
+    from py4dstem_deepcdi.simulation import ForwardModel
+
+    round_probe = geometry.replace(aberrations={"C10": -100.0})
+    assert probe_symmetries(round_probe.probe) == list(range(8))
+    assert probe_symmetries(geometry.replace(aberrations={"C10": -100.0, "C12": 20.0}).probe) == [0, 1, 2, 3]
+    assert probe_symmetries(geometry.replace(aberrations={"C10": -100.0, "C21": 300.0, "phi21": 0.0}).probe) == [0, 2]
+    x = torch.randn(3, 32, 32)
+    for t in range(8):
+        torch.testing.assert_close(apply_symmetry(apply_symmetry(x, t), t, inverse=True), x)
+    forward = ForwardModel(round_probe)
+    phase = torch.rand(2, 32, 32) * 2
+    for t in range(8):
+        torch.testing.assert_close(forward.intensity(apply_symmetry(phase, t)), apply_symmetry(forward.intensity(phase), t),
+                                   atol=1e-6, rtol=1e-4)
+
+
+def test_symmetrized_prediction_averages_the_turned_patterns(geometry):
+    from py4dstem_deepcdi.inference import apply_symmetry
+
+    torch.manual_seed(0)
+    round_geometry = geometry.replace(aberrations={"C10": -100.0})
+    model = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), round_geometry, {})
+    amplitudes = np.random.default_rng(0).random((5, 32, 32)).astype(np.float32)
+    plain = [predict(model, apply_symmetry(torch.from_numpy(amplitudes), t).numpy(), precision="fp32") for t in range(8)]
+    expected = np.mean([apply_symmetry(torch.from_numpy(p), t, inverse=True).numpy() for t, p in enumerate(plain)], 0)
+    got = predict(model, amplitudes, precision="fp32", symmetrize=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.abs(got - plain[0]).max() > 1e-4  # the untrained network is not symmetric: averaging changes it
