@@ -121,7 +121,7 @@ def make(out: Path, seed: int) -> None:
 
 
 # ============================================================================================ score (this package)
-def score(data: Path, model: str, epie_iters: int, threads: int, out: Path) -> None:
+def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symmetrize: bool = False) -> None:
     import py4DSTEM
     import torch
 
@@ -143,7 +143,7 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path) -> N
         recon = DeepCDIReconstruction(
             dc, float(f["energy_eV"]), float(f["semiangle_mrad"]), model=model, C10=float(f["C10_A"]),
             rotation_deg=0.0, transpose=False, verbose=False, vacuum_probe_intensity=f["vacuum"],
-        ).preprocess().reconstruct(progress=False)
+        ).preprocess().reconstruct(progress=False, symmetrize=symmetrize)
         deep_s = time.perf_counter() - t0
         row = {"dataset": path.stem, "thickness_A": float(f["thickness_A"]), "patterns": int(counts.shape[0] * counts.shape[1])}
         for ramp in (False, True):
@@ -183,11 +183,12 @@ def main() -> None:
     p.add_argument("--epie-iters", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/multislice/scores.json"))
+    p.add_argument("--symmetrize", action="store_true", help="average deep-CDI patches over the probe's symmetries")
     args = parser.parse_args()
     if args.command == "make":
         make(args.out, args.seed)
     else:
-        score(args.data, args.model, args.epie_iters, args.threads, args.out)
+        score(args.data, args.model, args.epie_iters, args.threads, args.out, args.symmetrize)
 
 
 if __name__ == "__main__":
