@@ -268,10 +268,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not models:
             print("no shipped models")
         for name, info in models.items():
-            g, t = info["geometry"], info["training"]
+            g, t, ranges = info["geometry"], info["training"], info["aberration_ranges"]
+            probe = f"probe-conditioned over {ranges} (Å)" if ranges else f"C10 {g['aberrations']['C10']:g} Å"
             print(
                 f"{name}: {g['energy_eV'] / 1e3:g} keV, {g['semiangle_cutoff_mrad']:g} mrad, {tuple(g['detector_shape'])} "
-                f"pixels of {g['angular_sampling_mrad']:g} mrad, C10 {g['aberrations']['C10']:g} Å; "
+                f"pixels of {g['angular_sampling_mrad']:g} mrad, {probe}; "
                 f"{t.get('samples', '?')} training samples, validation L1 {t.get('val_l1', float('nan')):.4f} rad"
             )
         return 0

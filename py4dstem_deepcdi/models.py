@@ -163,6 +163,7 @@ def list_pretrained() -> dict[str, dict[str, Any]]:
                 "geometry": metadata["geometry"],
                 "training": metadata.get("training", {}),
                 "description": metadata.get("description", ""),
+                "aberration_ranges": metadata.get("training_set", {}).get("aberration_ranges"),
             }
     return out
 
