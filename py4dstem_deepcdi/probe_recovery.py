@@ -37,6 +37,10 @@ from .simulation import probe_channels
 _WHOLE = 0.999
 #: Smallest overlap of a usable pair, as a fraction of the illuminated mask.
 MIN_OVERLAP = 0.2
+#: Default pair distance as a fraction of the illuminated mask's radius. Measured on the hBN geometry (loss along
+#: C10 and C12 with the other parameters true): 0.5 put the minimum within 6 Å of the true C10; a whole radius made
+#: pairs of the smaller candidate probes lose their overlap, and the loss jumped.
+PAIR_DISTANCE = 0.5
 
 
 @dataclass
@@ -328,7 +332,8 @@ def recover_probe(
         Which aberrations are searched (of C10, C12, C21, C23; an astigmatism, coma or threefold term is searched
         with its angle); the others stay at ``initial``.
     pair_distance
-        Distance of paired positions (Å); default the radius of the initial probe's illuminated mask (half overlap).
+        Distance of paired positions (Å); default :data:`PAIR_DISTANCE` times the radius of the initial probe's
+        illuminated mask.
     final_radius
         Search radius at the last iteration, as a fraction of the first (half the ranges).
     normalize
@@ -350,13 +355,14 @@ def recover_probe(
     if not isinstance(data, DeepCDIReconstruction):
         if model is None:
             raise ValueError("give the probe-conditioned model: recover_probe(datacube, model, energy=..., semiangle_cutoff=...)")
-        as_model(model).require_conditioned("recover_probe")
+        model = as_model(model, device=device or "cpu")  # loaded once, handed on as the object
+        model.require_conditioned("recover_probe")
         if "energy" not in reconstruction_kwargs or "semiangle_cutoff" not in reconstruction_kwargs:
             raise ValueError("recover_probe on a DataCube needs energy (eV) and semiangle_cutoff (mrad) keywords")
         reconstruction_kwargs.setdefault("verbose", False)
         if device:
             reconstruction_kwargs["device"] = device
-        reference = initial if initial is not None else as_model(model).geometry.aberrations
+        reference = initial if initial is not None else model.geometry.aberrations
         data = DeepCDIReconstruction(data, model=model, probe=dict(reference), **reconstruction_kwargs)
     elif model is not None and as_model(model) is not data.model:
         raise ValueError("recover_probe got a reconstruction and another model; the reconstruction's model is used")
@@ -393,7 +399,7 @@ def recover_probe(
     initial_geometry = model.geometry.replace(aberrations=from_cartesian(start))
 
     if pair_distance is None:
-        pair_distance = math.sqrt(initial_geometry.mask_area / math.pi)
+        pair_distance = PAIR_DISTANCE * math.sqrt(initial_geometry.mask_area / math.pi)
     if not (math.isfinite(pair_distance) and pair_distance > 0):
         raise ValueError(f"pair_distance must be a positive distance in Å, got {pair_distance}")
     stride = max(1, round(pair_distance / min(d.scan_step)))
@@ -458,9 +464,9 @@ def fit_probe_aberrations(probe: np.ndarray, geometry: ProbeGeometry) -> dict[st
     if probe.shape != geometry.detector_shape or not np.iscomplexobj(probe):
         raise ValueError(f"probe must be a complex array of the geometry's shape {geometry.detector_shape}, got {probe.dtype} {probe.shape}")
     fourier = np.fft.fft2(np.fft.ifftshift(probe))  # corner-centred, as py4DSTEM keeps it
-    args = (geometry.detector_shape, geometry.sampling, geometry.energy, 3, 3)
-    _, coefficients = fit_aberration_surface(fourier, geometry.sampling, geometry.energy, 3, 3, True)
-    _, mn = aberrations_basis_function(*args)
+    orders = (3, 3)  # max angular order, max radial order: exactly the 7 parameters and a constant
+    _, coefficients = fit_aberration_surface(fourier, geometry.sampling, geometry.energy, *orders, True)
+    _, mn = aberrations_basis_function(geometry.detector_shape, geometry.sampling, geometry.energy, *orders)
     names = {(1, 0, 0): "C10", (1, 2, 0): "C12a", (1, 2, 1): "C12b", (2, 1, 0): "C21a", (2, 1, 1): "C21b",
              (2, 3, 0): "C23a", (2, 3, 1): "C23b"}
     cartesian = dict.fromkeys(CARTESIAN_NAMES, 0.0)

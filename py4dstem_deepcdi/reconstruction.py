@@ -109,6 +109,11 @@ class DeepCDIReconstruction:
             mask_threshold=model_geometry.mask_threshold,
         )
         self.model.check_compatible(self.geometry)
+        #: The probe the patches are retrieved with: the model's, with the data's aberrations if it is
+        #: probe-conditioned (the aperture, vacuum probe and mask threshold stay the model's).
+        self.probe_geometry = (
+            model_geometry.replace(aberrations=parameters) if self.model.conditioned else model_geometry
+        )
         self.vacuum_probe_intensity = vacuum_probe_intensity
         self._options = {
             "scan_step": scan_step,
@@ -131,16 +136,6 @@ class DeepCDIReconstruction:
     def sampling(self) -> tuple[float, float]:
         """Pixel size of the reconstructed phase image (Å)."""
         return self.model.geometry.sampling
-
-    @property
-    def probe_geometry(self) -> ProbeGeometry:
-        """The probe the patches are retrieved with: the model's, with the data's aberrations if it is
-        probe-conditioned (the aperture, vacuum probe and mask threshold stay the model's)."""
-        if not self.model.conditioned:
-            return self.model.geometry
-        if getattr(self, "_probe_geometry", None) is None or self._probe_geometry.aberrations != self.geometry.aberrations:
-            self._probe_geometry = self.model.geometry.replace(aberrations=self.geometry.aberrations)
-        return self._probe_geometry
 
     @property
     def positions(self) -> np.ndarray:

@@ -182,7 +182,8 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         self.stream = TrainingStream(geometry, self.config.stream, seed=self.config.seed, device=str(self.device))
         self.network = ResUNet(self.config.width, self.config.depth, self.config.dropout, self.stream.in_channels)
-        if self.config.init_from:
+        resuming = self.checkpoint is not None and self.checkpoint.exists()
+        if self.config.init_from and not resuming:  # a resumed run takes its weights from the checkpoint
             self._warm_start(self.config.init_from)
         self.network = self.network.to(self.device, memory_format=torch.channels_last)
         if self.config.optimizer == "adam":
@@ -194,7 +195,7 @@ class Trainer:
         self.elapsed = 0.0
         self.history: list[dict[str, float]] = []
         self._validation: tuple[torch.Tensor, torch.Tensor] | None = None
-        if self.checkpoint is not None and self.checkpoint.exists():
+        if resuming:
             self._load_checkpoint()
 
     @classmethod
