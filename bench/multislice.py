@@ -6,6 +6,7 @@ this package's one:
     python -m venv ../abtem-env && ../abtem-env/bin/pip install abtem h5py
     ../abtem-env/bin/python bench/multislice.py make --out runs/multislice      # writes one .npz per dataset
     python bench/multislice.py score --data runs/multislice --threads 2         # table of deep CDI vs ePIE
+    python bench/multislice.py ramps --model hbn-300kv-17mrad                   # stitching options vs the ramp
 
 Datasets (300 keV, 17.1 mrad, C10 = −100 Å as the shipped model, sharp aperture as in abTEM, 0.25 Å steps, 1.6·10⁶
 e⁻/Å², Poisson noise): a monolayer of hexagonal BN and [001] SrTiO3 of 39 Å (10 unit cells) thickness. Each
@@ -121,32 +122,50 @@ def make(out: Path, seed: int) -> None:
 
 
 # ============================================================================================ score (this package)
-def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symmetrize: bool = False) -> None:
+def _load(path: Path):
+    """The dataset as a calibrated DataCube, its ground truth (phase, sampling, positions) and the raw file."""
     import py4DSTEM
+
+    f = np.load(path)
+    dc = py4DSTEM.DataCube(data=f["counts"])
+    dc.calibration.set_R_pixel_size(float(f["scan_step_A"]))
+    dc.calibration.set_R_pixel_units("A")
+    dc.calibration.set_Q_pixel_size(float(f["angular_sampling_mrad"]))
+    dc.calibration.set_Q_pixel_units("mrad")
+    truth = (f["truth_phase"], tuple(f["truth_sampling_A"]), f["truth_positions_A"])
+    return dc, truth, f
+
+
+def _deep_cdi(dc, f, model: str, centre: bool = True, **reconstruct):
+    from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
+
+    return DeepCDIReconstruction(
+        dc, float(f["energy_eV"]), float(f["semiangle_mrad"]), model=model, C10=float(f["C10_A"]),
+        rotation_deg=0.0, transpose=False, verbose=False, vacuum_probe_intensity=f["vacuum"],
+    ).preprocess(centre=centre).reconstruct(progress=False, **reconstruct)
+
+
+def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symmetrize: bool = False,
+          epie: bool = True) -> None:
     import torch
 
-    from py4dstem_deepcdi.comparison import compare_with_epie, remove_background, score_against_truth
-    from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
+    from py4dstem_deepcdi.comparison import compare_with_epie, remove_background, score_against_truth, score_reconstruction
 
     torch.set_num_threads(threads)
     rows = []
     for path in sorted(data.glob("*.npz")):
-        f = np.load(path)
-        counts = f["counts"]
-        dc = py4DSTEM.DataCube(data=counts)
-        dc.calibration.set_R_pixel_size(float(f["scan_step_A"]))
-        dc.calibration.set_R_pixel_units("A")
-        dc.calibration.set_Q_pixel_size(float(f["angular_sampling_mrad"]))
-        dc.calibration.set_Q_pixel_units("mrad")
-        truth = (f["truth_phase"], tuple(f["truth_sampling_A"]), f["truth_positions_A"])
+        dc, truth, f = _load(path)
         t0 = time.perf_counter()
-        recon = DeepCDIReconstruction(
-            dc, float(f["energy_eV"]), float(f["semiangle_mrad"]), model=model, C10=float(f["C10_A"]),
-            rotation_deg=0.0, transpose=False, verbose=False, vacuum_probe_intensity=f["vacuum"],
-        ).preprocess().reconstruct(progress=False, symmetrize=symmetrize)
+        recon = _deep_cdi(dc, f, model, symmetrize=symmetrize)
         deep_s = time.perf_counter() - t0
-        row = {"dataset": path.stem, "thickness_A": float(f["thickness_A"]), "patterns": int(counts.shape[0] * counts.shape[1])}
-        for ramp in (False, True):
+        row = {"dataset": path.stem, "thickness_A": float(f["thickness_A"]), "patterns": int(np.prod(f["counts"].shape[:2]))}
+        if not epie:  # deep CDI alone, with the same scores
+            for ramp in (False, True):
+                s = score_reconstruction(recon, truth, remove_ramp=ramp)
+                row["deep_cdi_corr_ramp_removed" if ramp else "deep_cdi_corr"] = round(s["correlation"], 4)
+                if not ramp:
+                    row["deep_cdi_rms_rad"], row["deep_cdi_scale"] = round(s["rms_rad"], 4), round(s["phase_scale"], 3)
+        for ramp in (False, True) if epie else ():
             comparison = compare_with_epie(
                 recon, num_iter=epie_iters, remove_ramp=ramp, ground_truth=truth, adf=False, progress=False,
                 epie_kwargs={"vacuum_probe_intensity": f["vacuum"]},
@@ -163,12 +182,48 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symm
                     twin = score_against_truth(image, remove_background(comparison.truth_phase[::-1, ::-1]), comparison.sampling)
                     row[f"{method}_twin_corr"] = round(twin["correlation"], 4)
         row["deep_cdi_s"] = round(deep_s, 1)
-        row["epie_s"] = round(comparison.timings["epie_s"], 1)
-        row["epie_iterations"] = epie_iters
+        if epie:
+            row["epie_s"] = round(comparison.timings["epie_s"], 1)
+            row["epie_iterations"] = epie_iters
         rows.append(row)
         print(json.dumps(row))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model, "rows": rows}, indent=1))
+
+
+STITCHING_VARIANTS = {
+    "offsets (default)": {},
+    "offsets + tilts": {"tilt": True},
+    "probe-weighted average": {"weights": "probe"},
+    "no disk centring": {"centre": False},
+    "stitch |P|² > 0.2 max": {"stitch_threshold": 0.2},
+    "stitch |P|² > 0.3 max": {"stitch_threshold": 0.3},
+    "stitch |P|² > 0.5 max": {"stitch_threshold": 0.5},
+    "stitch |P|² > 0.7 max": {"stitch_threshold": 0.7},
+    "probe-weighted, |P|² > 0.5 max": {"weights": "probe", "stitch_threshold": 0.5},
+    "tilts, |P|² > 0.5 max": {"tilt": True, "stitch_threshold": 0.5},
+}
+
+
+def ramps(data: Path, model: str, threads: int, datasets: list[str] | None) -> None:
+    """Deep CDI with each stitching option: correlation with the truth with and without ramp removal."""
+    import torch
+
+    from py4dstem_deepcdi.comparison import score_reconstruction
+
+    torch.set_num_threads(threads)
+    print(f"model {model}\n| dataset | stitching | corr. | corr. (ramp removed) | RMS (rad) | scale | time (s) |\n|---|---|---|---|---|---|---|")
+    for path in sorted(data.glob("*.npz")):
+        if datasets and path.stem not in datasets:
+            continue
+        dc, truth, f = _load(path)
+        for label, options in STITCHING_VARIANTS.items():
+            t0 = time.perf_counter()
+            recon = _deep_cdi(dc, f, model, **options)
+            elapsed = time.perf_counter() - t0
+            plain, flat = (score_reconstruction(recon, truth, remove_ramp=r) for r in (False, True))
+            print(f"| {path.stem} | {label} | {plain['correlation']:.3f} | {flat['correlation']:.3f} | "
+                  f"{plain['rms_rad']:.4f} | {plain['phase_scale']:.2f} | {elapsed:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -184,11 +239,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/multislice/scores.json"))
     p.add_argument("--symmetrize", action="store_true", help="average deep-CDI patches over the probe's symmetries")
+    p.add_argument("--no-epie", action="store_true", help="score deep CDI alone")
+    p = sub.add_parser("ramps", help="deep CDI with each stitching option (ramp study)")
+    p.add_argument("--data", type=Path, default=Path("runs/multislice"))
+    p.add_argument("--model", default="hbn-300kv-17mrad")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.out, args.seed)
+    elif args.command == "ramps":
+        ramps(args.data, args.model, args.threads, args.datasets)
     else:
-        score(args.data, args.model, args.epie_iters, args.threads, args.out, args.symmetrize)
+        score(args.data, args.model, args.epie_iters, args.threads, args.out, args.symmetrize, not args.no_epie)
 
 
 if __name__ == "__main__":

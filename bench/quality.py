@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0], help="draws of the random object")
     parser.add_argument("--weights", choices=("mask", "probe"), default="mask", help="patch averaging weights")
     parser.add_argument("--symmetrize", action="store_true", help="average patches over the probe's symmetries")
+    parser.add_argument("--stitch-threshold", type=float, default=None, help="stitch only where |P|² > t·max|P|²")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = as_model(args.model)
@@ -67,7 +68,8 @@ def main() -> None:
         recon = DeepCDIReconstruction(
             ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=ds.rotation_deg, transpose=False,
             verbose=False, **g.aberrations, **options,
-        ).preprocess().reconstruct(precision=args.precision, tilt=args.tilt, weights=args.weights, symmetrize=args.symmetrize)
+        ).preprocess().reconstruct(precision=args.precision, tilt=args.tilt, weights=args.weights, symmetrize=args.symmetrize,
+                      stitch_threshold=args.stitch_threshold)
         elapsed = time.perf_counter() - start
         plain = score_reconstruction(recon, ds)
         ramp = score_reconstruction(recon, ds, remove_ramp=True)

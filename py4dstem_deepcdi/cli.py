@@ -58,6 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     stream = StreamConfig(
         electrons_range=tuple(args.electrons),
         phase_max_range=tuple(args.phase_max),
+        phase_max_sampling=args.phase_max_sampling,
+        rolloff_range=tuple(args.rolloff_range) if args.rolloff_range else None,
         batch_size=args.batch_size,
         mix={"photos": args.mix[0], "lattice": args.mix[1], "noise": args.mix[2]},
         image_folder=str(args.images) if args.images else None,
@@ -65,6 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     config = TrainConfig(
         steps=args.steps,
+        loss=args.loss,
         optimizer=args.optimizer,
         lr=args.lr,
         lr_final=args.lr_final,
@@ -80,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_from=args.init_from,
     )
     checkpoint = args.checkpoint or args.output.with_suffix(".ckpt")
-    trainer = Trainer(geometry, config, checkpoint=checkpoint, device=args.device)
+    trainer = Trainer(geometry, config, checkpoint=checkpoint, device=args.device, portable_checkpoint=args.portable)
     if trainer.step:
         print(f"resuming from {checkpoint} at step {trainer.step}", file=sys.stderr)
     history = trainer.train(progress=not args.quiet)
@@ -218,7 +221,8 @@ def _probe_file(path: Path) -> dict:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     recon = _reconstruction_from_args(args, probe=_probe_file(args.probe) if args.probe else None)
     recon.preprocess().reconstruct(
-        precision=args.precision, stitching=args.stitching, tilt=args.tilt, symmetrize=args.symmetrize
+        precision=args.precision, stitching=args.stitching, tilt=args.tilt, symmetrize=args.symmetrize,
+        weights=args.weights, stitch_threshold=args.stitch_threshold,
     )
     recon.save(args.output, overwrite=args.overwrite)
     if args.png:
@@ -309,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
     p.add_argument("--electrons", type=float, nargs=2, default=(2e4, 1e6), metavar=("MIN", "MAX"), help="electrons per pattern")
     p.add_argument("--phase-max", type=float, nargs=2, default=(0.1, 1.5), metavar=("MIN", "MAX"), help="object phase range (rad)")
+    p.add_argument("--phase-max-sampling", choices=("uniform", "log"), default="uniform",
+                   help="how the object phase is drawn from --phase-max (log: more weak objects)")
+    p.add_argument("--rolloff-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="draw each sample's aperture-edge width (mrad) from this range (robust to the aperture edge)")
+    p.add_argument("--loss", choices=("l1", "relative"), default="l1",
+                   help="masked L1 in rad (the paper's) or divided by each target's mean |phase|")
     p.add_argument("--mix", type=float, nargs=3, default=(0.5, 0.35, 0.15), metavar=("PHOTOS", "LATTICE", "NOISE"))
     p.add_argument("--images", type=Path, default=None, help="folder of your own training images")
     c = p.add_argument_group("probe conditioning (one network for a range of probes, needed by recover-probe)")
@@ -321,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=512)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--portable", action="store_true",
+                   help="checkpoint with bfloat16 optimiser moments (2/3 the size, to commit; resume not bit-exact)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -350,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stitching", choices=("lsq", "relaxation"), default="lsq")
     p.add_argument("--tilt", action="store_true", help="also solve per-patch phase tilts when stitching")
     p.add_argument("--symmetrize", action="store_true", help="average each patch over the probe's symmetries (slower, more accurate)")
+    p.add_argument("--weights", choices=("mask", "probe"), default="mask", help="average overlapping patches plainly or by |P|²")
+    p.add_argument("--stitch-threshold", type=float, default=None,
+                   help="stitch only where |P|² > this × max|P|² (default: the model's mask)")
     p.add_argument("--png", type=Path, default=None, help="also write a figure")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_reconstruct)

@@ -121,6 +121,7 @@ class DeepCDIReconstruction:
             "rotation_deg": rotation_deg,
             "transpose": transpose,
             "subsample": subsample,
+            "centre": True,
         }
         self.data: PreprocessedData | None = None
         self.patches: np.ndarray | None = None
@@ -167,7 +168,9 @@ class DeepCDIReconstruction:
         """Calibrate, centre, resample and normalise the patterns; compute the probe positions.
 
         Keyword arguments override the constructor's ``scan_step``, ``angular_sampling``, ``rotation_deg``,
-        ``transpose`` and ``subsample``. Returns ``self``.
+        ``transpose`` and ``subsample``, and take ``centre`` (default True: fit and remove each pattern's
+        bright-field disk shift with sub-pixel accuracy; False: assume the disk sits at the detector centre).
+        Returns ``self``.
         """
         unknown = set(overrides) - set(self._options)
         if unknown:
@@ -223,6 +226,7 @@ class DeepCDIReconstruction:
         weights: str = "mask",
         progress: bool | None = None,
         symmetrize: bool = False,
+        stitch_threshold: float | None = None,
     ) -> DeepCDIReconstruction:
         """Retrieve one phase patch per pattern with the network and stitch them into ``object_phase``.
 
@@ -245,11 +249,25 @@ class DeepCDIReconstruction:
         symmetrize
             Average every patch over the symmetries of the square that leave the probe unchanged (8 network passes
             per pattern for a defocused round probe): slower, more accurate (see ``inference.predict``).
+        stitch_threshold
+            Stitch only the pixels of each patch where ``|P|² > stitch_threshold × max|P|²`` (at least the model's
+            ``mask_threshold``, inside which the network predicts): drops the dimly lit patch edges. Default: the
+            model's whole mask.
         """
         if self.data is None:
             self.preprocess()
         if weights not in ("mask", "probe"):
             raise ValueError(f"weights must be 'mask' or 'probe', got {weights!r}")
+        geometry = self.probe_geometry
+        mask = geometry.mask
+        if stitch_threshold is not None:
+            if not geometry.mask_threshold <= stitch_threshold < 1:
+                raise ValueError(
+                    f"stitch_threshold must lie in [{geometry.mask_threshold:g}, 1) (the network predicts only where "
+                    f"|P|² > {geometry.mask_threshold:g}·max|P|²), got {stitch_threshold!r}"
+                )
+            intensity = np.abs(geometry.probe) ** 2
+            mask = mask & (intensity > stitch_threshold * intensity.max())
         progress = self.verbose if progress is None else progress
         start = time.perf_counter()
         self.patches = predict(
@@ -257,12 +275,11 @@ class DeepCDIReconstruction:
             progress=progress, geometry=self.probe_geometry, symmetrize=symmetrize,
         )
         self.timings["inference_s"] = time.perf_counter() - start
-        geometry = self.probe_geometry
         start = time.perf_counter()
         positions_px = self.data.positions / np.array(self.sampling)
         pixel_weights = np.abs(geometry.probe) ** 2 if weights == "probe" else None
         result = stitch(
-            self.patches, positions_px, geometry.mask, method=stitching, tilt=tilt, min_overlap=min_overlap,
+            self.patches, positions_px, mask, method=stitching, tilt=tilt, min_overlap=min_overlap,
             weights=pixel_weights, device=self.device,
         )
         self.timings["stitching_s"] = time.perf_counter() - start
@@ -276,6 +293,8 @@ class DeepCDIReconstruction:
             "method": stitching,
             "tilt": tilt,
             "symmetrize": bool(symmetrize),
+            "weights": weights,
+            "stitch_threshold": stitch_threshold,
             "n_pairs": solution.n_pairs,
             "energy_before": solution.energy_before,
             "energy_after": solution.energy_after,
@@ -310,6 +329,7 @@ class DeepCDIReconstruction:
                 "electrons_per_pattern": d.electrons_per_pattern,
                 "data_angular_sampling_mrad": d.data_angular_sampling,
                 "subsample": self._options["subsample"],
+                "centre": self._options["centre"],
             },
             "stitching": self.stitch_info,
             "timings": self.timings,

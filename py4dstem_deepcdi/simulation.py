@@ -32,6 +32,9 @@ from .images import LatticeSource, default_source
 from .probe import AberrationRanges, ProbeGeometry, from_cartesian
 
 
+ROLLOFF_STEPS = 17  # aperture-edge widths tabulated across StreamConfig.rolloff_range
+
+
 def electrons_per_pattern(dose: float, scan_step: float | tuple[float, float]) -> float:
     """Electrons per diffraction pattern from a dose (e⁻/Å²) and the scan step (Å, scalar or (x, y))."""
     step_x, step_y = (scan_step, scan_step) if np.isscalar(scan_step) else scan_step
@@ -155,7 +158,10 @@ class StreamConfig:
     electrons_range
         Range of electrons per pattern, drawn log-uniformly per sample (e⁻).
     phase_max_range
-        Range of the peak-to-valley phase of the objects (rad), drawn uniformly per sample.
+        Range of the peak-to-valley phase of the objects (rad), drawn per sample as ``phase_max_sampling`` says.
+    phase_max_sampling
+        ``"uniform"`` or ``"log"`` (log-uniform: as many objects between 0.05 and 0.1 rad as between 0.5 and 1 rad,
+        for light-element samples whose phase is a few tenths of a radian).
     batch_size
         Samples per batch.
     mix
@@ -166,14 +172,21 @@ class StreamConfig:
         For a probe-conditioned network: the ranges the probe of every sample is drawn from (an
         :class:`~py4dstem_deepcdi.probe.AberrationRanges` or its dict); the inputs then have 3 channels.
         None (default): every sample uses the geometry's probe.
+    rolloff_range
+        For a fixed-probe model with a modelled aperture: the aperture-edge width (py4DSTEM's ``rolloff``, mrad) of
+        every sample is drawn uniformly from this range (one of ``ROLLOFF_STEPS`` probes), so that the network does
+        not depend on the exact edge of the data's bright-field disk (a sharp aperture on a pixelated detector, a
+        detector's point-spread). None (default): the geometry's rolloff.
     """
 
     electrons_range: tuple[float, float] = (2e4, 1e6)
     phase_max_range: tuple[float, float] = (0.1, 1.5)
+    phase_max_sampling: str = "uniform"
     batch_size: int = 64
     mix: dict[str, float] = field(default_factory=lambda: {"photos": 0.5, "lattice": 0.35, "noise": 0.15})
     image_folder: str | None = None
     aberration_ranges: AberrationRanges | None = None
+    rolloff_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.aberration_ranges, dict):
@@ -184,8 +197,17 @@ class StreamConfig:
         lo, hi = self.phase_max_range
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"phase_max_range must be an increasing pair of positive numbers (rad), got {self.phase_max_range}")
+        if self.phase_max_sampling not in ("uniform", "log"):
+            raise ValueError(f"phase_max_sampling must be 'uniform' or 'log', got {self.phase_max_sampling!r}")
         if int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.rolloff_range is not None:
+            self.rolloff_range = tuple(float(v) for v in self.rolloff_range)
+            lo, hi = self.rolloff_range
+            if not (0 <= lo <= hi and math.isfinite(hi)):
+                raise ValueError(f"rolloff_range must be an increasing pair of widths >= 0 (mrad), got {self.rolloff_range}")
+            if self.aberration_ranges is not None:
+                raise ValueError("rolloff_range is for fixed-probe models; a probe-conditioned one takes aberration_ranges")
 
 
 def _seed_for(*parts: int) -> int:
@@ -237,6 +259,13 @@ class TrainingStream:
         if self.config.aberration_ranges is not None:
             self.config.aberration_ranges.check(geometry)
         self.source = default_source(self.config.image_folder, self.config.mix)
+        self._edge_probes = None
+        if self.config.rolloff_range is not None:
+            if geometry.vacuum_probe_intensity is not None:
+                raise ValueError("rolloff_range varies a modelled aperture; this geometry uses a measured vacuum probe")
+            widths = np.linspace(*self.config.rolloff_range, ROLLOFF_STEPS)
+            probes = np.stack([geometry.replace(rolloff=w).probe for w in widths])
+            self._edge_probes = torch.as_tensor(probes, dtype=torch.complex64, device=self.model.device)
         self.seed, self.worker, self.index = int(seed), int(worker), int(start)
         self._bank: tuple[tuple[int, int], torch.Tensor] | None = None  # ((bank number, batch size), images)
 
@@ -304,7 +333,8 @@ class TrainingStream:
             turns = 8 if bank.shape[-1] == bank.shape[-2] else 4
             images = _turned(bank.index_select(0, pick), torch.randint(turns, (n,), generator=generator, device=device))
         lo, hi = config.phase_max_range
-        phase_max = lo + (hi - lo) * torch.rand(n, 1, 1, generator=generator, device=device)
+        u = torch.rand(n, 1, 1, generator=generator, device=device)
+        phase_max = lo * (hi / lo) ** u if config.phase_max_sampling == "log" else lo + (hi - lo) * u
         phase = images.mul_(phase_max)
         log_lo, log_hi = math.log(config.electrons_range[0]), math.log(config.electrons_range[1])
         electrons = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=generator, device=device))
@@ -314,6 +344,9 @@ class TrainingStream:
             probes = self._probes(u)
             x[:, 1:] = probe_channels(probes)
             mask = conditioning_mask(x, geometry.mask_threshold)[:, 0]
+        if self._edge_probes is not None:
+            pick = torch.randint(len(self._edge_probes), (n,), generator=generator, device=device)
+            probes = self._edge_probes.index_select(0, pick)
         counts = _poisson(self.model.intensity(phase, probes=probes).mul_(electrons[:, None, None]), generator)
         n_pixels = geometry.detector_shape[0] * geometry.detector_shape[1]
         torch.sqrt(counts.mul_((n_pixels / electrons)[:, None, None]), out=x[:, 0])  # network_input

@@ -31,13 +31,21 @@ CHECKPOINT_FORMAT = "py4dstem-deepcdi-checkpoint"
 VALIDATION_WORKER = 10_000  # the validation set is drawn by a worker id no training run uses
 
 
-def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+RELATIVE_FLOOR = 0.01  # rad: the relative loss divides by max(mean |target|, this)
+
+
+def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, relative: bool = False) -> torch.Tensor:
     """Per-sample mean |prediction − target| inside ``mask``, averaged over the batch (rad).
 
     ``prediction`` and ``target`` are (B, 1, N, N); ``mask`` is one (N, N) mask or one per sample (B, 1, N, N).
+    ``relative``: divide each sample's L1 by its target's mean |φ| inside the mask (at least ``RELATIVE_FLOOR``
+    rad), so that a weak object's errors count as much as a strong one's (dimensionless).
     """
     mask = mask.to(prediction.dtype).expand_as(prediction)
-    per_sample = ((prediction - target).abs() * mask).sum((-3, -2, -1)) / mask.sum((-3, -2, -1)).clamp_min(1)
+    area = mask.sum((-3, -2, -1)).clamp_min(1)
+    per_sample = ((prediction - target).abs() * mask).sum((-3, -2, -1)) / area
+    if relative:
+        per_sample = per_sample / ((target.abs() * mask).sum((-3, -2, -1)) / area).clamp_min(RELATIVE_FLOOR)
     return per_sample.mean()
 
 
@@ -60,6 +68,9 @@ class TrainConfig:
     ----------
     steps
         Total optimiser steps.
+    loss
+        ``"l1"`` (default, the paper's: masked L1 in rad) or ``"relative"`` (each sample's masked L1 divided by its
+        target's mean |φ|, see :func:`masked_l1`; weak objects weigh as much as strong ones).
     optimizer
         ``"adam"`` (default: Adam, cosine learning-rate decay from ``lr`` to ``lr_final``) or ``"sgd"`` (the paper's
         tutorial: plain SGD, constant ``lr`` 1e-4, batch 16).
@@ -86,6 +97,7 @@ class TrainConfig:
     """
 
     steps: int = 20_000
+    loss: str = "l1"
     optimizer: str = "adam"
     lr: float = 1e-3
     lr_final: float = 2e-5
@@ -104,6 +116,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.stream, dict):
             self.stream = StreamConfig(**self.stream)
+        if self.loss not in ("l1", "relative"):
+            raise ValueError(f"loss must be 'l1' or 'relative', got {self.loss!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         for name in ("steps", "val_size", "val_every", "checkpoint_every"):
@@ -166,6 +180,11 @@ class Trainer:
         Checkpoint file; if it exists, training resumes from it (its settings must match).
     device
         ``"cpu"`` or ``"gpu"``.
+    portable_checkpoint
+        Write the checkpoint with the optimiser's moments in bfloat16 (two thirds of the size of an exact one:
+        19 MB instead of 29 MB for a width-0.5 network, small enough to commit). A run resumed from it continues
+        the same schedule and data stream; its weights differ from an uninterrupted run's only by that rounding.
+        A run resumed from a portable checkpoint keeps writing portable ones.
     """
 
     def __init__(
@@ -174,8 +193,10 @@ class Trainer:
         config: TrainConfig | None = None,
         checkpoint: str | Path | None = None,
         device: str = "cpu",
+        portable_checkpoint: bool = False,
     ):
         self.geometry = geometry
+        self.portable_checkpoint = bool(portable_checkpoint)
         self.config = config or TrainConfig()
         self.device = torch_device(device)
         self.checkpoint = Path(checkpoint) if checkpoint else None
@@ -269,8 +290,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write weights, optimiser, RNG state, step and history atomically."""
+        """Write weights, optimiser, RNG state, step and history atomically (moments in bfloat16 if portable)."""
         path = Path(path or self.checkpoint)
+        optimizer = self.optimizer.state_dict()
+        if self.portable_checkpoint:
+            optimizer["state"] = {
+                i: {k: v.to(torch.bfloat16) if v.is_floating_point() and v.ndim else v for k, v in state.items()}
+                for i, state in optimizer["state"].items()
+            }
         payload = {
             "format": CHECKPOINT_FORMAT,
             "config": json.dumps(self.config.to_dict()),
@@ -279,7 +306,8 @@ class Trainer:
             "elapsed": self.elapsed,
             "history": json.dumps(self.history),
             "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
+            "portable": self.portable_checkpoint,
             "rng": torch.get_rng_state(),
         }
         with atomic_path(path) as tmp:
@@ -300,7 +328,8 @@ class Trainer:
         if json.loads(payload["geometry"]) != json.loads(json.dumps(self.geometry.to_dict())):
             raise ValueError(f"checkpoint {str(self.checkpoint)!r} was made for another geometry")
         self.network.load_state_dict(payload["network"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        self.optimizer.load_state_dict(payload["optimizer"])  # casts bfloat16 moments back to the weights' dtype
+        self.portable_checkpoint = self.portable_checkpoint or bool(payload.get("portable", False))
         torch.set_rng_state(payload["rng"])
         self.step = int(payload["step"])
         self.elapsed = float(payload["elapsed"])
@@ -325,7 +354,7 @@ class Trainer:
             x, y = self.stream.batch(self.step)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
                 prediction = self.network(x.contiguous(memory_format=torch.channels_last))
-            loss = masked_l1(prediction.float(), y, self.loss_mask(x))
+            loss = masked_l1(prediction.float(), y, self.loss_mask(x), relative=config.loss == "relative")
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.detach().item()} at step {self.step}; lower the learning rate")
             self.optimizer.zero_grad(set_to_none=True)

@@ -51,6 +51,13 @@ def test_simulate_reconstruct_info(tmp_path, model_file, capsys):
     assert "positions_A" in capsys.readouterr().out
     assert main(["info", str(model_file)]) == 0
     assert '"name": "tiny"' in capsys.readouterr().out
+    core = tmp_path / "core.h5"
+    assert main(["reconstruct", str(data), "--output", str(core), "--energy", "300e3", "--semiangle", "17.1",
+                 "--C10", "-100", "--model", str(model_file), "--rotation", "0", "--no-transpose", "--quiet",
+                 "--precision", "fp32", "--stitch-threshold", "0.5", "--weights", "probe"]) == 0
+    stitching = read_reconstruction(core)["metadata"]["stitching"]
+    assert stitching["stitch_threshold"] == 0.5
+    assert read_reconstruction(core)["coverage"].sum() < result["coverage"].sum()  # a smaller stitching mask
 
 
 def test_reconstruct_errors_are_clear(tmp_path, model_file, capsys):

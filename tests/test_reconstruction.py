@@ -107,3 +107,24 @@ def test_aperture_mismatch_warns(dataset, tiny_model, geometry):
     other = simulate_dataset(geometry.replace(semiangle_cutoff=15.0), scan_shape=(6, 6), scan_step=0.3, electrons=1e5)
     with pytest.warns(UserWarning, match="bright-field disk"):
         make(other, tiny_model).preprocess()
+
+
+def test_stitch_threshold_and_centring_options(dataset, tiny_model):
+    full = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32")
+    core = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32", stitch_threshold=0.5)
+    geometry = full.probe_geometry
+    intensity = np.abs(geometry.probe) ** 2
+    core_mask = geometry.mask & (intensity > 0.5 * intensity.max())
+    # every canvas pixel is covered by as many patches as the (smaller) stitching mask says
+    assert core.coverage.sum() == pytest.approx(core_mask.sum() * len(core.patches))
+    assert full.coverage.sum() == pytest.approx(geometry.mask.sum() * len(full.patches))
+    assert core.stitch_info["stitch_threshold"] == 0.5
+    with pytest.raises(ValueError, match="stitch_threshold must lie in"):
+        make(dataset, tiny_model).preprocess().reconstruct(stitch_threshold=geometry.mask_threshold / 2)
+    # a datacube whose disk is at the detector centre: with or without centring the same input
+    centred = make(dataset, tiny_model).preprocess(centre=False)
+    np.testing.assert_allclose(centred.data.centre, 16.0)
+    fitted = make(dataset, tiny_model).preprocess()
+    np.testing.assert_allclose(fitted.data.centre, 16.0, atol=0.05)
+    difference = np.abs(centred.data.amplitudes - fitted.data.amplitudes).mean()
+    assert difference < 0.02 * np.abs(fitted.data.amplitudes).mean()  # sub-pixel resampling only

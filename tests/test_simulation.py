@@ -130,6 +130,44 @@ def test_stream_reproducible_and_differs_between_workers(geometry):
     assert xa.shape == (8, 1, 32, 32) and xa.dtype == torch.float32
 
 
+def test_log_phase_sampling_draws_more_weak_objects(geometry):
+    """Targets' peak-to-valley phase: log-uniform over (0.01, 1) rad has its median near 0.1·(image range), uniform
+    near 0.5·(image range); both stay within the range."""
+    spans = {}
+    for sampling in ("uniform", "log"):
+        config = StreamConfig(batch_size=256, phase_max_range=(0.01, 1.0), phase_max_sampling=sampling,
+                              mix={"photos": 0.0, "lattice": 0.0, "noise": 1.0})
+        _, y = TrainingStream(geometry, config, seed=3).batch(0)
+        mask = torch.as_tensor(geometry.mask)
+        inside = y[:, 0][:, mask]
+        spans[sampling] = (inside.amax(1) - inside.amin(1)).numpy()
+        assert spans[sampling].max() <= 1.0 + 1e-6
+    assert np.median(spans["log"]) < 0.4 * np.median(spans["uniform"])
+    with pytest.raises(ValueError, match="phase_max_sampling"):
+        StreamConfig(phase_max_sampling="normal")
+
+
+def test_rolloff_range_varies_the_aperture_edge(geometry):
+    """With a range of aperture edges, the bright-field disks of a batch span the radii of the two extreme
+    apertures (half-maximum radius; nearly empty objects, many electrons)."""
+    def radius(pattern):
+        return float(np.sqrt((pattern > 0.5 * pattern.max()).sum() / np.pi))
+
+    config = StreamConfig(batch_size=64, phase_max_range=(1e-4, 2e-4), electrons_range=(1e9, 1e9), rolloff_range=(0.0, 3.0))
+    x, _ = TrainingStream(geometry, config, seed=0).batch(0)
+    radii = np.array([radius(p.numpy() ** 2) for p in x[:, 0]])
+    sharp, soft = (radius(np.abs(geometry.replace(rolloff=w).probe_fourier) ** 2) for w in (0.0, 3.0))
+    assert sharp > soft + 0.5
+    assert radii.max() == pytest.approx(sharp, abs=0.05) and radii.min() == pytest.approx(soft, abs=0.05)
+    assert len(np.unique(radii.round(2))) >= 5
+    fixed = TrainingStream(geometry, StreamConfig(batch_size=64), seed=0).batch(0)[0]  # no range: stream unchanged
+    assert torch.equal(fixed, TrainingStream(geometry, StreamConfig(batch_size=64, rolloff_range=None), seed=0).batch(0)[0])
+    with pytest.raises(ValueError, match="rolloff_range must be"):
+        StreamConfig(rolloff_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match="measured vacuum probe"):
+        TrainingStream(geometry.replace(vacuum_probe_intensity=np.abs(geometry.probe_fourier) ** 2), config)
+
+
 def test_training_set_hdf5_round_trip(tmp_path, geometry):
     stream = TrainingStream(geometry, StreamConfig(batch_size=16), seed=1)
     path = write_training_set(tmp_path / "train.h5", stream, 40)

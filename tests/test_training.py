@@ -33,6 +33,18 @@ def test_masked_l1_averages_every_sample():
     assert float(corr[0]) == pytest.approx(1.0)
 
 
+def test_relative_l1_weighs_each_sample_by_its_phase():
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    target = torch.stack([torch.full((1, 4, 4), 0.05), torch.full((1, 4, 4), 1.0)])
+    prediction = target * 1.1  # both 10 % too strong
+    assert float(masked_l1(prediction, target, mask)) == pytest.approx((0.005 + 0.1) / 2)
+    assert float(masked_l1(prediction, target, mask, relative=True)) == pytest.approx(0.1)  # the same for both
+    flat = torch.zeros(1, 1, 4, 4)  # a flat target: divided by the floor, not by zero
+    assert float(masked_l1(flat + 0.001, flat, mask, relative=True)) == pytest.approx(0.001 / 0.01)
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="l2")
+
+
 def test_learning_rate_schedules():
     c = TrainConfig(steps=101, lr=1e-3, lr_final=1e-5)
     assert c.learning_rate(0) == pytest.approx(1e-3)
@@ -65,6 +77,27 @@ def test_resume_is_exact(tmp_path, geometry):
     for (k, a), b in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
         assert torch.equal(a, b), k
     assert [h["step"] for h in resumed.history] == [2, 4, 6]
+
+
+def test_portable_checkpoint_is_smaller_and_resumes_closely(tmp_path, geometry):
+    config = small_config(width=0.25, depth=3)
+    full = Trainer(geometry, config, checkpoint=tmp_path / "full.ckpt")
+    full.train(progress=False, until=4)
+    portable = Trainer(geometry, config, checkpoint=tmp_path / "portable.ckpt", portable_checkpoint=True)
+    portable.train(progress=False, until=4)
+    size_full, size_portable = (tmp_path / "full.ckpt").stat().st_size, (tmp_path / "portable.ckpt").stat().st_size
+    assert size_portable < 0.75 * size_full  # weights fp32 + two moments in bf16: 2/3 of the exact checkpoint
+    full.train(progress=False)
+    resumed = Trainer(geometry, config, checkpoint=tmp_path / "portable.ckpt")  # no flag needed to read one
+    assert resumed.step == 4 and resumed.portable_checkpoint
+    resumed.train(progress=False)
+    moved = scale = 0.0
+    for a, b in zip(full.network.parameters(), resumed.network.parameters()):
+        moved += float((a - b).detach().norm() ** 2)
+        scale += float(a.detach().norm() ** 2)
+    assert 0 < moved ** 0.5 < 1e-3 * scale ** 0.5  # not bit-exact, but the same run to bf16 rounding of Adam's moments
+    moments = torch.load(tmp_path / "portable.ckpt", weights_only=True)["optimizer"]["state"][0]
+    assert moments["exp_avg"].dtype == torch.bfloat16
 
 
 def test_killed_training_resumes(tmp_path):
