@@ -196,12 +196,12 @@ STITCHING_VARIANTS = {
     "offsets + tilts": {"tilt": True},
     "probe-weighted average": {"weights": "probe"},
     "no disk centring": {"centre": False},
-    "stitch |P|² > 0.2 max": {"stitch_threshold": 0.2},
-    "stitch |P|² > 0.3 max": {"stitch_threshold": 0.3},
-    "stitch |P|² > 0.5 max": {"stitch_threshold": 0.5},
-    "stitch |P|² > 0.7 max": {"stitch_threshold": 0.7},
-    "probe-weighted, |P|² > 0.5 max": {"weights": "probe", "stitch_threshold": 0.5},
-    "tilts, |P|² > 0.5 max": {"tilt": True, "stitch_threshold": 0.5},
+    "stitch the disk of 70% of |P|²": {"stitch_fraction": 0.7},
+    "stitch the disk of 60% of |P|²": {"stitch_fraction": 0.6},
+    "stitch the disk of 50% of |P|²": {"stitch_fraction": 0.5},
+    "stitch the disk of 40% of |P|²": {"stitch_fraction": 0.4},
+    "probe-weighted, 50% disk": {"weights": "probe", "stitch_fraction": 0.5},
+    "tilts, 50% disk": {"tilt": True, "stitch_fraction": 0.5},
 }
 
 

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0], help="draws of the random object")
     parser.add_argument("--weights", choices=("mask", "probe"), default="mask", help="patch averaging weights")
     parser.add_argument("--symmetrize", action="store_true", help="average patches over the probe's symmetries")
-    parser.add_argument("--stitch-threshold", type=float, default=None, help="stitch only where |P|² > t·max|P|²")
+    parser.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = as_model(args.model)
@@ -69,7 +69,7 @@ def main() -> None:
             ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=ds.rotation_deg, transpose=False,
             verbose=False, **g.aberrations, **options,
         ).preprocess().reconstruct(precision=args.precision, tilt=args.tilt, weights=args.weights, symmetrize=args.symmetrize,
-                      stitch_threshold=args.stitch_threshold)
+                      stitch_fraction=args.stitch_fraction)
         elapsed = time.perf_counter() - start
         plain = score_reconstruction(recon, ds)
         ramp = score_reconstruction(recon, ds, remove_ramp=True)

@@ -209,17 +209,27 @@ class ProbeGeometry:
         """Area of the illuminated mask (Å²)."""
         return float(self.mask.sum() * self.sampling[0] * self.sampling[1])
 
-    def support_radius(self, fraction: float = SUPPORT_FRACTION) -> float:
-        """Radius (Å) of the circle about the probe's centre of intensity holding ``fraction`` of its intensity."""
+    def _radii(self) -> tuple[np.ndarray, np.ndarray]:
+        """Distances (Å) of the window's pixels from the probe's centre of intensity, and the intensity."""
         intensity = np.abs(self.probe) ** 2
         nx, ny = self.detector_shape
         x = (np.arange(nx) - nx // 2)[:, None] * self.sampling[0]
         y = (np.arange(ny) - ny // 2)[None, :] * self.sampling[1]
         cx, cy = (intensity * x).sum(), (intensity * y).sum()
-        r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2).ravel()
+        return np.sqrt((x - cx) ** 2 + (y - cy) ** 2), intensity
+
+    def support_radius(self, fraction: float = SUPPORT_FRACTION) -> float:
+        """Radius (Å) of the circle about the probe's centre of intensity holding ``fraction`` of its intensity."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+        r, intensity = (a.ravel() for a in self._radii())
         order = np.argsort(r)
-        cumulative = np.cumsum(intensity.ravel()[order])
+        cumulative = np.cumsum(intensity[order])
         return float(r[order][np.searchsorted(cumulative, fraction * cumulative[-1])])
+
+    def support_mask(self, fraction: float) -> np.ndarray:
+        """The disk about the probe's centre of intensity that holds ``fraction`` of its intensity (bool)."""
+        return self._radii()[0] <= self.support_radius(fraction)
 
     @property
     def oversampling_ratio(self) -> float:

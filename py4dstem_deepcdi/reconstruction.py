@@ -226,7 +226,7 @@ class DeepCDIReconstruction:
         weights: str = "mask",
         progress: bool | None = None,
         symmetrize: bool = False,
-        stitch_threshold: float | None = None,
+        stitch_fraction: float | None = None,
     ) -> DeepCDIReconstruction:
         """Retrieve one phase patch per pattern with the network and stitch them into ``object_phase``.
 
@@ -249,9 +249,10 @@ class DeepCDIReconstruction:
         symmetrize
             Average every patch over the symmetries of the square that leave the probe unchanged (8 network passes
             per pattern for a defocused round probe): slower, more accurate (see ``inference.predict``).
-        stitch_threshold
-            Stitch only the pixels of each patch where ``|P|² > stitch_threshold × max|P|²`` (at least the model's
-            ``mask_threshold``, inside which the network predicts): drops the dimly lit patch edges. Default: the
+        stitch_fraction
+            Stitch only the disk of each patch about the probe's centre that holds this fraction of the probe's
+            intensity (``ProbeGeometry.support_mask``; within the model's mask, where the network predicts): a
+            patch size set by the probe, which drops the dimly lit, least accurate patch edges. Default: the
             model's whole mask.
         """
         if self.data is None:
@@ -260,14 +261,10 @@ class DeepCDIReconstruction:
             raise ValueError(f"weights must be 'mask' or 'probe', got {weights!r}")
         geometry = self.probe_geometry
         mask = geometry.mask
-        if stitch_threshold is not None:
-            if not geometry.mask_threshold <= stitch_threshold < 1:
-                raise ValueError(
-                    f"stitch_threshold must lie in [{geometry.mask_threshold:g}, 1) (the network predicts only where "
-                    f"|P|² > {geometry.mask_threshold:g}·max|P|²), got {stitch_threshold!r}"
-                )
-            intensity = np.abs(geometry.probe) ** 2
-            mask = mask & (intensity > stitch_threshold * intensity.max())
+        if stitch_fraction is not None:
+            if not 0 < stitch_fraction <= 1:
+                raise ValueError(f"stitch_fraction must lie in (0, 1] (a fraction of the probe's intensity), got {stitch_fraction!r}")
+            mask = mask & geometry.support_mask(stitch_fraction)
         progress = self.verbose if progress is None else progress
         start = time.perf_counter()
         self.patches = predict(
@@ -294,7 +291,7 @@ class DeepCDIReconstruction:
             "tilt": tilt,
             "symmetrize": bool(symmetrize),
             "weights": weights,
-            "stitch_threshold": stitch_threshold,
+            "stitch_fraction": stitch_fraction,
             "n_pairs": solution.n_pairs,
             "energy_before": solution.energy_before,
             "energy_after": solution.energy_after,

@@ -56,6 +56,22 @@ def test_in_focus_probe_radius_is_airy_like():
     assert 0.2 * 0.61 * g.wavelength / 17.1e-3 < r50 < 0.61 * g.wavelength / 17.1e-3
 
 
+def test_support_mask_holds_its_fraction_of_the_intensity(geometry):
+    intensity = np.abs(geometry.probe) ** 2
+    previous = 0
+    for fraction in (0.3, 0.5, 0.7, 0.9):
+        disk = geometry.support_mask(fraction)
+        held = intensity[disk].sum() / intensity.sum()
+        assert held >= fraction - 1e-9 and disk.sum() > previous  # at least the fraction; grows with it
+        # one pixel ring less would hold less than the fraction: the disk is the smallest such one
+        radius = geometry.support_radius(fraction)
+        r, _ = geometry._radii()
+        assert intensity[r < radius - 1e-9].sum() / intensity.sum() < fraction
+        previous = disk.sum()
+    with pytest.raises(ValueError, match="fraction"):
+        geometry.support_radius(0.0)
+
+
 def test_aberrated_probe_breaks_twin_symmetry(geometry):
     p = geometry.probe
     flipped = np.roll(np.flip(p), 1, axis=(0, 1))  # P(-r) on the centred grid (centre at N//2)

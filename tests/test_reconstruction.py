@@ -109,18 +109,19 @@ def test_aperture_mismatch_warns(dataset, tiny_model, geometry):
         make(other, tiny_model).preprocess()
 
 
-def test_stitch_threshold_and_centring_options(dataset, tiny_model):
+def test_stitch_fraction_and_centring_options(dataset, tiny_model):
     full = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32")
-    core = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32", stitch_threshold=0.5)
+    core = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32", stitch_fraction=0.5)
     geometry = full.probe_geometry
-    intensity = np.abs(geometry.probe) ** 2
-    core_mask = geometry.mask & (intensity > 0.5 * intensity.max())
+    core_mask = geometry.mask & geometry.support_mask(0.5)
+    assert 0 < core_mask.sum() < geometry.mask.sum()
     # every canvas pixel is covered by as many patches as the (smaller) stitching mask says
     assert core.coverage.sum() == pytest.approx(core_mask.sum() * len(core.patches))
     assert full.coverage.sum() == pytest.approx(geometry.mask.sum() * len(full.patches))
-    assert core.stitch_info["stitch_threshold"] == 0.5
-    with pytest.raises(ValueError, match="stitch_threshold must lie in"):
-        make(dataset, tiny_model).preprocess().reconstruct(stitch_threshold=geometry.mask_threshold / 2)
+    assert core.stitch_info["stitch_fraction"] == 0.5
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="stitch_fraction must lie in"):
+            make(dataset, tiny_model).preprocess().reconstruct(stitch_fraction=bad)
     # a datacube whose disk is at the detector centre: with or without centring the same input
     centred = make(dataset, tiny_model).preprocess(centre=False)
     np.testing.assert_allclose(centred.data.centre, 16.0)
