@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         electrons_range=tuple(args.electrons),
         phase_max_range=tuple(args.phase_max),
         phase_max_sampling=args.phase_max_sampling,
-        rolloff_range=tuple(args.rolloff_range) if args.rolloff_range else None,
+        edge_width_range=tuple(args.edge_width_range) if args.edge_width_range else None,
         batch_size=args.batch_size,
         mix={"photos": args.mix[0], "lattice": args.mix[1], "noise": args.mix[2]},
         image_folder=str(args.images) if args.images else None,
@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase-max", type=float, nargs=2, default=(0.1, 1.5), metavar=("MIN", "MAX"), help="object phase range (rad)")
     p.add_argument("--phase-max-sampling", choices=("uniform", "log"), default="uniform",
                    help="how the object phase is drawn from --phase-max (log: more weak objects)")
-    p.add_argument("--rolloff-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="draw each sample's aperture-edge width (mrad) from this range (robust to the aperture edge)")
+    p.add_argument("--edge-width-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="draw each sample's aperture-edge width (mrad, centred on the semi-angle) from this range")
     p.add_argument("--loss", choices=("l1", "relative"), default="l1",
                    help="masked L1 in rad (the paper's) or divided by each target's mean |phase|")
     p.add_argument("--mix", type=float, nargs=3, default=(0.5, 0.35, 0.15), metavar=("PHOTOS", "LATTICE", "NOISE"))

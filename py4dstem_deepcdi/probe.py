@@ -204,6 +204,23 @@ class ProbeGeometry:
         intensity = np.abs(self.probe) ** 2
         return intensity > self.mask_threshold * intensity.max()
 
+    def aperture_edge(self, width: float) -> np.ndarray:
+        """Detector intensity (detector_shape, DC at N//2) of the aperture with a linear edge ``width`` (mrad) wide
+        centred on ``semiangle_cutoff``: amplitude ``clip((α + w/2 − |θ|) / w, 0, 1)`` (``width`` 0: sharp).
+
+        Unlike py4DSTEM's ``rolloff``, which tapers inside the semi-angle, this edge straddles it, like a sharp
+        aperture integrated over detector pixels or blurred by the detector; pass it as ``vacuum_probe_intensity``.
+        """
+        width = float(width)
+        if not (math.isfinite(width) and width >= 0):
+            raise ValueError(f"width must be >= 0 mrad, got {width!r}")
+        n0, n1 = self.detector_shape
+        theta = np.hypot(*np.meshgrid((np.arange(n0) - n0 // 2) * self.angular_sampling,
+                                      (np.arange(n1) - n1 // 2) * self.angular_sampling, indexing="ij"))
+        if width == 0:
+            return (theta <= self.semiangle_cutoff).astype(np.float64)
+        return np.clip((self.semiangle_cutoff + width / 2 - theta) / width, 0, 1) ** 2
+
     @property
     def mask_area(self) -> float:
         """Area of the illuminated mask (Å²)."""

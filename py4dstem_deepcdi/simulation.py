@@ -32,7 +32,7 @@ from .images import LatticeSource, default_source
 from .probe import AberrationRanges, ProbeGeometry, from_cartesian
 
 
-ROLLOFF_STEPS = 17  # aperture-edge widths tabulated across StreamConfig.rolloff_range
+EDGE_STEPS = 17  # aperture-edge widths tabulated across StreamConfig.edge_width_range
 
 
 def electrons_per_pattern(dose: float, scan_step: float | tuple[float, float]) -> float:
@@ -172,11 +172,12 @@ class StreamConfig:
         For a probe-conditioned network: the ranges the probe of every sample is drawn from (an
         :class:`~py4dstem_deepcdi.probe.AberrationRanges` or its dict); the inputs then have 3 channels.
         None (default): every sample uses the geometry's probe.
-    rolloff_range
-        For a fixed-probe model with a modelled aperture: the aperture-edge width (py4DSTEM's ``rolloff``, mrad) of
-        every sample is drawn uniformly from this range (one of ``ROLLOFF_STEPS`` probes), so that the network does
-        not depend on the exact edge of the data's bright-field disk (a sharp aperture on a pixelated detector, a
-        detector's point-spread). None (default): the geometry's rolloff.
+    edge_width_range
+        For a fixed-probe model with a modelled aperture: every sample's aperture edge is a linear ramp of a width
+        (mrad) drawn uniformly from this range, centred on the semi-angle (:meth:`ProbeGeometry.aperture_edge`;
+        one of ``EDGE_STEPS`` probes), so that the network does not depend on the exact edge of the data's
+        bright-field disk (a sharp aperture seen by pixels, a detector's blur). None (default): the geometry's
+        aperture.
     """
 
     electrons_range: tuple[float, float] = (2e4, 1e6)
@@ -186,7 +187,7 @@ class StreamConfig:
     mix: dict[str, float] = field(default_factory=lambda: {"photos": 0.5, "lattice": 0.35, "noise": 0.15})
     image_folder: str | None = None
     aberration_ranges: AberrationRanges | None = None
-    rolloff_range: tuple[float, float] | None = None
+    edge_width_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.aberration_ranges, dict):
@@ -201,13 +202,13 @@ class StreamConfig:
             raise ValueError(f"phase_max_sampling must be 'uniform' or 'log', got {self.phase_max_sampling!r}")
         if int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.rolloff_range is not None:
-            self.rolloff_range = tuple(float(v) for v in self.rolloff_range)
-            lo, hi = self.rolloff_range
+        if self.edge_width_range is not None:
+            self.edge_width_range = tuple(float(v) for v in self.edge_width_range)
+            lo, hi = self.edge_width_range
             if not (0 <= lo <= hi and math.isfinite(hi)):
-                raise ValueError(f"rolloff_range must be an increasing pair of widths >= 0 (mrad), got {self.rolloff_range}")
+                raise ValueError(f"edge_width_range must be an increasing pair of widths >= 0 (mrad), got {self.edge_width_range}")
             if self.aberration_ranges is not None:
-                raise ValueError("rolloff_range is for fixed-probe models; a probe-conditioned one takes aberration_ranges")
+                raise ValueError("edge_width_range is for fixed-probe models; a probe-conditioned one takes aberration_ranges")
 
 
 def _seed_for(*parts: int) -> int:
@@ -260,11 +261,11 @@ class TrainingStream:
             self.config.aberration_ranges.check(geometry)
         self.source = default_source(self.config.image_folder, self.config.mix)
         self._edge_probes = None
-        if self.config.rolloff_range is not None:
+        if self.config.edge_width_range is not None:
             if geometry.vacuum_probe_intensity is not None:
-                raise ValueError("rolloff_range varies a modelled aperture; this geometry uses a measured vacuum probe")
-            widths = np.linspace(*self.config.rolloff_range, ROLLOFF_STEPS)
-            probes = np.stack([geometry.replace(rolloff=w).probe for w in widths])
+                raise ValueError("edge_width_range varies a modelled aperture; this geometry uses a measured vacuum probe")
+            widths = np.linspace(*self.config.edge_width_range, EDGE_STEPS)
+            probes = np.stack([geometry.replace(vacuum_probe_intensity=geometry.aperture_edge(w)).probe for w in widths])
             self._edge_probes = torch.as_tensor(probes, dtype=torch.complex64, device=self.model.device)
         self.seed, self.worker, self.index = int(seed), int(worker), int(start)
         self._bank: tuple[tuple[int, int], torch.Tensor] | None = None  # ((bank number, batch size), images)

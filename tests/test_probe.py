@@ -56,6 +56,24 @@ def test_in_focus_probe_radius_is_airy_like():
     assert 0.2 * 0.61 * g.wavelength / 17.1e-3 < r50 < 0.61 * g.wavelength / 17.1e-3
 
 
+def test_aperture_edge_straddles_the_semiangle(geometry):
+    """A linear edge w wide centred on α: amplitude 1 inside α − w/2, 0 beyond α + w/2, 1/2 at α; width 0 is the sharp
+    disk; as vacuum_probe_intensity it becomes the probe's detector-plane intensity."""
+    n = geometry.detector_shape[0]
+    theta = np.hypot(*np.meshgrid((np.arange(n) - n // 2) * 2.0, (np.arange(n) - n // 2) * 2.0, indexing="ij"))
+    width = 5.0
+    edge = geometry.aperture_edge(width)
+    assert np.all(edge[theta <= 17.1 - width / 2] == 1) and np.all(edge[theta >= 17.1 + width / 2] == 0)
+    ring = np.abs(theta - 17.1) < width / 2
+    np.testing.assert_allclose(np.sqrt(edge[ring]), (17.1 + width / 2 - theta[ring]) / width)
+    np.testing.assert_array_equal(geometry.aperture_edge(0.0), theta <= 17.1)
+    probe = geometry.replace(vacuum_probe_intensity=edge)
+    intensity = np.abs(probe.probe_fourier) ** 2
+    np.testing.assert_allclose(intensity / intensity.sum(), edge / edge.sum(), atol=1e-9)
+    with pytest.raises(ValueError, match="width"):
+        geometry.aperture_edge(-1.0)
+
+
 def test_support_mask_holds_its_fraction_of_the_intensity(geometry):
     intensity = np.abs(geometry.probe) ** 2
     previous = 0
