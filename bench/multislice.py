@@ -146,7 +146,7 @@ def _deep_cdi(dc, f, model: str, centre: bool = True, **reconstruct):
 
 
 def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symmetrize: bool = False,
-          epie: bool = True) -> None:
+          epie: bool = True, stitch_fraction: float | None = None, datasets: list[str] | None = None) -> None:
     import torch
 
     from py4dstem_deepcdi.comparison import compare_with_epie, remove_background, score_against_truth, score_reconstruction
@@ -154,9 +154,11 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symm
     torch.set_num_threads(threads)
     rows = []
     for path in sorted(data.glob("*.npz")):
+        if datasets and path.stem not in datasets:
+            continue
         dc, truth, f = _load(path)
         t0 = time.perf_counter()
-        recon = _deep_cdi(dc, f, model, symmetrize=symmetrize)
+        recon = _deep_cdi(dc, f, model, symmetrize=symmetrize, stitch_fraction=stitch_fraction)
         deep_s = time.perf_counter() - t0
         row = {"dataset": path.stem, "thickness_A": float(f["thickness_A"]), "patterns": int(np.prod(f["counts"].shape[:2]))}
         if not epie:  # deep CDI alone, with the same scores
@@ -188,7 +190,8 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symm
         rows.append(row)
         print(json.dumps(row))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"model": model, "symmetrize": symmetrize, "stitch_fraction": stitch_fraction,
+                               "rows": rows}, indent=1))
 
 
 STITCHING_VARIANTS = {
@@ -240,6 +243,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/multislice/scores.json"))
     p.add_argument("--symmetrize", action="store_true", help="average deep-CDI patches over the probe's symmetries")
     p.add_argument("--no-epie", action="store_true", help="score deep CDI alone")
+    p.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
+    p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all)")
     p = sub.add_parser("ramps", help="deep CDI with each stitching option (ramp study)")
     p.add_argument("--data", type=Path, default=Path("runs/multislice"))
     p.add_argument("--model", default="hbn-300kv-17mrad")
@@ -251,7 +256,8 @@ def main() -> None:
     elif args.command == "ramps":
         ramps(args.data, args.model, args.threads, args.datasets)
     else:
-        score(args.data, args.model, args.epie_iters, args.threads, args.out, args.symmetrize, not args.no_epie)
+        score(args.data, args.model, args.epie_iters, args.threads, args.out, args.symmetrize, not args.no_epie,
+              args.stitch_fraction, args.datasets)
 
 
 if __name__ == "__main__":

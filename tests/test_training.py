@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from py4dstem_deepcdi import training
 from py4dstem_deepcdi.simulation import StreamConfig
 from py4dstem_deepcdi.training import TrainConfig, Trainer, masked_correlation, masked_l1, plot_history
 
@@ -64,6 +65,15 @@ def test_training_reduces_validation_loss(geometry):
     history = trainer.train(progress=False)
     assert len(history) == 2
     assert history[-1]["val_l1"] < 0.9 * before
+
+
+def test_bf16_only_where_native(geometry, monkeypatch):
+    """Emulated bf16 (AVX2-only CPUs) is ~15x slower than float32: the trainer asks the same question as inference."""
+    monkeypatch.setattr(training, "bf16_supported", lambda device="cpu": False)
+    assert not Trainer(geometry, small_config(bf16=True))._use_bf16
+    monkeypatch.setattr(training, "bf16_supported", lambda device="cpu": True)
+    assert Trainer(geometry, small_config(bf16=True))._use_bf16
+    assert not Trainer(geometry, small_config(bf16=False))._use_bf16
 
 
 def test_resume_is_exact(tmp_path, geometry):
