@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     history = trainer.train(progress=not args.quiet)
     model = trainer.export(name=args.name, description=args.description)
     model.save(args.output, half_precision=args.half, overwrite=True)
-    plot_history(history, args.output.with_suffix(".history.png"))
+    plot_history(history, args.output.with_suffix(".history.png"), loss=config.loss)
     with open(args.output.with_suffix(".history.json"), "w") as f:
         json.dump(history, f, indent=1)
     last = history[-1]
@@ -312,13 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=4, help="stride-2 levels (4 = the paper's)")
     p.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
     p.add_argument("--electrons", type=float, nargs=2, default=(2e4, 1e6), metavar=("MIN", "MAX"), help="electrons per pattern")
-    p.add_argument("--phase-max", type=float, nargs=2, default=(0.1, 1.5), metavar=("MIN", "MAX"), help="object phase range (rad)")
-    p.add_argument("--phase-max-sampling", choices=("uniform", "log"), default="uniform",
+    p.add_argument("--phase-max", type=float, nargs=2, default=(0.03, 1.5), metavar=("MIN", "MAX"),
+                   help="object phase range (rad)")
+    p.add_argument("--phase-max-sampling", choices=("uniform", "log"), default="log",
                    help="how the object phase is drawn from --phase-max (log: more weak objects)")
     p.add_argument("--edge-width-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="draw each sample's aperture-edge width (mrad, centred on the semi-angle) from this range")
-    p.add_argument("--loss", choices=("l1", "relative"), default="l1",
-                   help="masked L1 in rad (the paper's) or divided by each target's mean |phase|")
+    p.add_argument("--loss", choices=("l1", "relative"), default="relative",
+                   help="masked L1 divided by each target's mean |phase| (default) or in rad (the paper's)")
     p.add_argument("--mix", type=float, nargs=3, default=(0.5, 0.35, 0.15), metavar=("PHOTOS", "LATTICE", "NOISE"))
     p.add_argument("--images", type=Path, default=None, help="folder of your own training images")
     c = p.add_argument_group("probe conditioning (one network for a range of probes, needed by recover-probe)")

@@ -160,7 +160,7 @@ class StreamConfig:
     phase_max_range
         Range of the peak-to-valley phase of the objects (rad), drawn per sample as ``phase_max_sampling`` says.
     phase_max_sampling
-        ``"uniform"`` or ``"log"`` (log-uniform: as many objects between 0.05 and 0.1 rad as between 0.5 and 1 rad,
+        ``"log"`` (default) or ``"uniform"`` (log-uniform: as many objects between 0.05 and 0.1 rad as between 0.5 and 1 rad,
         for light-element samples whose phase is a few tenths of a radian).
     batch_size
         Samples per batch.
@@ -181,8 +181,8 @@ class StreamConfig:
     """
 
     electrons_range: tuple[float, float] = (2e4, 1e6)
-    phase_max_range: tuple[float, float] = (0.1, 1.5)
-    phase_max_sampling: str = "uniform"
+    phase_max_range: tuple[float, float] = (0.03, 1.5)
+    phase_max_sampling: str = "log"
     batch_size: int = 64
     mix: dict[str, float] = field(default_factory=lambda: {"photos": 0.5, "lattice": 0.35, "noise": 0.15})
     image_folder: str | None = None

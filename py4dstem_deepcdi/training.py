@@ -70,8 +70,9 @@ class TrainConfig:
     steps
         Total optimiser steps.
     loss
-        ``"l1"`` (default, the paper's: masked L1 in rad) or ``"relative"`` (each sample's masked L1 divided by its
-        target's mean |φ|, see :func:`masked_l1`; weak objects weigh as much as strong ones).
+        ``"relative"`` (default: each sample's masked L1 divided by its target's mean |φ|, see :func:`masked_l1`; weak
+        objects weigh as much as strong ones; better on every case measured, docs/training.md) or ``"l1"`` (the
+        paper's masked L1 in rad).
     optimizer
         ``"adam"`` (default: Adam, cosine learning-rate decay from ``lr`` to ``lr_final``) or ``"sgd"`` (the paper's
         tutorial: plain SGD, constant ``lr`` 1e-4, batch 16).
@@ -99,7 +100,7 @@ class TrainConfig:
     """
 
     steps: int = 20_000
-    loss: str = "l1"
+    loss: str = "relative"
     optimizer: str = "adam"
     lr: float = 1e-3
     lr_final: float = 2e-5
@@ -130,8 +131,9 @@ class TrainConfig:
 
     @classmethod
     def paper(cls, **changes) -> TrainConfig:
-        """The tutorial's recipe: SGD, learning rate 1e-4, batch 16."""
-        return cls(**{"optimizer": "sgd", "lr": 1e-4, "lr_final": 1e-4, "stream": StreamConfig(batch_size=16), **changes})
+        """The tutorial's recipe: SGD, learning rate 1e-4, batch 16, the L1 in rad."""
+        return cls(**{"optimizer": "sgd", "lr": 1e-4, "lr_final": 1e-4, "loss": "l1", "stream": StreamConfig(batch_size=16),
+                      **changes})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings."""
@@ -404,27 +406,58 @@ class Trainer:
                 "val_l1": last["val_l1"],
                 "val_corr": last["val_corr"],
                 "val_l1_zero": last["val_l1_zero"],
+                "loss": self.config.loss,
+                "bf16": self._use_bf16,
             },
         }
+        if self.config.init_from:
+            metadata["training"]["init_from"] = _lineage(self.config.init_from)
+            metadata["training"]["total_samples"] = (metadata["training"]["samples"]
+                                                     + metadata["training"]["init_from"].get("total_samples", 0))
         return DeepCDIModel(network.eval(), self.geometry, metadata)
 
 
-def plot_history(history: list[dict[str, float]], path: str | Path | None = None):
-    """Loss-history figure: training and validation masked L1 (rad) and validation correlation vs samples."""
+def _lineage(source: str) -> dict[str, Any]:
+    """What a warm start started from: the model's name and training record (its own lineage included), so that a
+    fine-tuned model carries its whole training cost; just the source if it can no longer be read."""
+    from .models import as_model  # noqa: PLC0415
+
+    try:
+        metadata = as_model(source).metadata
+    except (OSError, ValueError):
+        return {"source": str(source)}
+    training = metadata.get("training", {})
+    return {"source": str(source), "name": metadata.get("name"), "training": training,
+            "total_samples": training.get("total_samples", training.get("samples", 0))}
+
+
+def plot_history(history: list[dict[str, float]], path: str | Path | None = None, loss: str = "l1"):
+    """Loss-history figure: training loss and validation masked L1 (rad), and validation correlation, vs samples.
+
+    ``loss`` is the training loss (:class:`TrainConfig`): with ``"relative"`` the training curve has no unit and gets
+    its own (right-hand) axis; the validation L1 is in rad either way."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     samples = [h["samples"] for h in history]
-    ax1.semilogy(samples, [h["train_l1"] for h in history], label="training")
-    ax1.semilogy(samples, [h["val_l1"] for h in history], label="validation")
+    train_axis = ax1.twinx() if loss == "relative" else ax1
+    train_axis.semilogy(samples, [h["train_l1"] for h in history], color="C0",
+                        label="training (relative L1)" if loss == "relative" else "training")
+    ax1.semilogy(samples, [h["val_l1"] for h in history], color="C1", label="validation")
     if history:
         ax1.axhline(history[-1]["val_l1_zero"], color="grey", ls=":", label="predict zero")
     ax1.set_xlabel("samples")
     ax1.set_ylabel("masked L1 (rad)")
-    ax1.legend()
+    if loss == "relative":
+        train_axis.set_ylabel("training relative L1")
+        fig.legend(loc="upper right", bbox_to_anchor=(0.45, 0.88))
+    else:
+        ax1.legend()
     ax2.plot(samples, [h["val_corr"] for h in history])
     ax2.set_xlabel("samples")
     ax2.set_ylabel("validation correlation per patch")
+    for ax in (ax1, ax2):
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     fig.tight_layout()
     if path is not None:
         with atomic_path(path) as tmp:

@@ -10,7 +10,7 @@ import torch
 
 from py4dstem_deepcdi import training
 from py4dstem_deepcdi.simulation import StreamConfig
-from py4dstem_deepcdi.training import TrainConfig, Trainer, masked_correlation, masked_l1, plot_history
+from py4dstem_deepcdi.training import TrainConfig, Trainer, _lineage, masked_correlation, masked_l1, plot_history
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,6 +163,9 @@ def test_export_and_history_figure(tmp_path, geometry):
     assert model.metadata["training"]["val_l1"] == history[-1]["val_l1"]
     plot_history(history, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+    fig = plot_history(history, tmp_path / "r.png", loss="relative")  # unitless training loss on its own axis
+    assert [ax.get_ylabel() for ax in fig.axes] == ["masked L1 (rad)", "validation correlation per patch",
+                                                   "training relative L1"]
 
 
 def test_bad_settings():
@@ -182,6 +185,29 @@ def test_masked_losses_with_one_mask_per_sample():
     for i in range(3):
         a, b = p[i][masks[i]], t[i][masks[i]]
         assert float(corr[i]) == pytest.approx(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), abs=1e-5)
+
+
+def test_fine_tuned_model_carries_its_lineage(tmp_path, geometry):
+    """A warm-started model records what it started from, with that model's own training, so the total cost adds up
+    over a chain of fine-tunes; a source that is gone is still named."""
+    from py4dstem_deepcdi.models import DeepCDIModel
+    from py4dstem_deepcdi.network import ResUNet
+
+    base = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "base", "training": {"samples": 100}})
+    base_path = base.save(tmp_path / "base.pt")
+    first = Trainer(geometry, small_config(steps=2, init_from=str(base_path), loss="relative"))
+    first.train(progress=False)
+    tuned = first.export("tuned")
+    record = tuned.metadata["training"]
+    assert record["loss"] == "relative" and record["samples"] == 8
+    assert record["init_from"]["name"] == "base" and record["init_from"]["training"] == {"samples": 100}
+    assert record["total_samples"] == 108
+    tuned_path = tuned.save(tmp_path / "tuned.pt")
+    second = Trainer(geometry, small_config(steps=2, init_from=str(tuned_path)))
+    second.train(progress=False)
+    tuned_path.unlink()
+    assert second.export("again").metadata["training"]["init_from"] == {"source": str(tuned_path)}
+    assert _lineage(str(base_path))["total_samples"] == 100
 
 
 def test_probe_conditioned_training_from_a_fixed_model(tmp_path, geometry):
