@@ -68,7 +68,7 @@ def test_training_reduces_validation_loss(geometry):
 
 
 def test_bf16_only_where_native(geometry, monkeypatch):
-    """Emulated bf16 (AVX2-only CPUs) is ~15x slower than float32: the trainer asks the same question as inference."""
+    """Emulated bf16 (AVX2-only CPUs) is ~11x slower than float32: the trainer asks the same question as inference."""
     monkeypatch.setattr(training, "bf16_supported", lambda device="cpu": False)
     assert not Trainer(geometry, small_config(bf16=True))._use_bf16
     monkeypatch.setattr(training, "bf16_supported", lambda device="cpu": True)
