@@ -146,7 +146,8 @@ def _deep_cdi(dc, f, model: str, centre: bool = True, **reconstruct):
 
 
 def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symmetrize: bool = False,
-          epie: bool = True, stitch_fraction: float | None = None, datasets: list[str] | None = None) -> None:
+          epie: bool = True, stitch_fraction: float | None = None, datasets: list[str] | None = None,
+          anchor_ramp: bool = False) -> None:
     import torch
 
     from py4dstem_deepcdi.comparison import compare_with_epie, remove_background, score_against_truth, score_reconstruction
@@ -158,7 +159,7 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symm
             continue
         dc, truth, f = _load(path)
         t0 = time.perf_counter()
-        recon = _deep_cdi(dc, f, model, symmetrize=symmetrize, stitch_fraction=stitch_fraction)
+        recon = _deep_cdi(dc, f, model, symmetrize=symmetrize, stitch_fraction=stitch_fraction, anchor_ramp=anchor_ramp)
         deep_s = time.perf_counter() - t0
         row = {"dataset": path.stem, "thickness_A": float(f["thickness_A"]), "patterns": int(np.prod(f["counts"].shape[:2]))}
         if not epie:  # deep CDI alone, with the same scores
@@ -191,11 +192,12 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symm
         print(json.dumps(row))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model, "symmetrize": symmetrize, "stitch_fraction": stitch_fraction,
-                               "rows": rows}, indent=1))
+                               "anchor_ramp": anchor_ramp, "rows": rows}, indent=1))
 
 
 STITCHING_VARIANTS = {
     "offsets (default)": {},
+    "offsets, ramp anchored to the centres of mass": {"anchor_ramp": True},
     "offsets + tilts": {"tilt": True},
     "probe-weighted average": {"weights": "probe"},
     "no disk centring": {"centre": False},
@@ -205,6 +207,9 @@ STITCHING_VARIANTS = {
     "stitch the disk of 40% of |P|²": {"stitch_fraction": 0.4},
     "probe-weighted, 50% disk": {"weights": "probe", "stitch_fraction": 0.5},
     "tilts, 50% disk": {"tilt": True, "stitch_fraction": 0.5},
+    "anchored ramp, 50% disk": {"anchor_ramp": True, "stitch_fraction": 0.5},
+    "anchored ramp, probe-weighted": {"anchor_ramp": True, "weights": "probe"},
+    "anchored ramp, no disk centring": {"anchor_ramp": True, "centre": False},
 }
 
 
@@ -245,6 +250,7 @@ def main() -> None:
     p.add_argument("--no-epie", action="store_true", help="score deep CDI alone")
     p.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
     p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all)")
+    p.add_argument("--anchor-ramp", action="store_true", help="anchor the deep-CDI ramp to the patterns' centres of mass")
     p = sub.add_parser("ramps", help="deep CDI with each stitching option (ramp study)")
     p.add_argument("--data", type=Path, default=Path("runs/multislice"))
     p.add_argument("--model", default="hbn-300kv-17mrad")
@@ -257,7 +263,7 @@ def main() -> None:
         ramps(args.data, args.model, args.threads, args.datasets)
     else:
         score(args.data, args.model, args.epie_iters, args.threads, args.out, args.symmetrize, not args.no_epie,
-              args.stitch_fraction, args.datasets)
+              args.stitch_fraction, args.datasets, args.anchor_ramp)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--weights", choices=("mask", "probe"), default="mask", help="patch averaging weights")
     parser.add_argument("--symmetrize", action="store_true", help="average patches over the probe's symmetries")
     parser.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
+    parser.add_argument("--anchor-ramp", action="store_true", help="anchor the ramp to the patterns' centres of mass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = as_model(args.model)
@@ -69,7 +70,7 @@ def main() -> None:
             ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=ds.rotation_deg, transpose=False,
             verbose=False, **g.aberrations, **options,
         ).preprocess().reconstruct(precision=args.precision, tilt=args.tilt, weights=args.weights, symmetrize=args.symmetrize,
-                      stitch_fraction=args.stitch_fraction)
+                      stitch_fraction=args.stitch_fraction, anchor_ramp=args.anchor_ramp)
         elapsed = time.perf_counter() - start
         plain = score_reconstruction(recon, ds)
         ramp = score_reconstruction(recon, ds, remove_ramp=True)

@@ -222,7 +222,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     recon = _reconstruction_from_args(args, probe=_probe_file(args.probe) if args.probe else None)
     recon.preprocess().reconstruct(
         precision=args.precision, stitching=args.stitching, tilt=args.tilt, symmetrize=args.symmetrize,
-        weights=args.weights, stitch_fraction=args.stitch_fraction,
+        weights=args.weights, stitch_fraction=args.stitch_fraction, anchor_ramp=args.anchor_ramp,
     )
     recon.save(args.output, overwrite=args.overwrite)
     if args.png:
@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("mask", "probe"), default="mask", help="average overlapping patches plainly or by |P|²")
     p.add_argument("--stitch-fraction", type=float, default=None,
                    help="stitch only the disk of each patch holding this fraction of the probe's intensity (default: the model's mask)")
+    p.add_argument("--anchor-ramp", action="store_true",
+                   help="set the image's mean phase gradient from the patterns' centres of mass (zero after disk centring)")
     p.add_argument("--png", type=Path, default=None, help="also write a figure")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_reconstruct)

@@ -22,6 +22,8 @@ from .io import read_result, save_result
 from .models import DeepCDIModel, as_model
 from .preprocessing import PreprocessedData, preprocess
 from .probe import ProbeGeometry, normalise_aberrations, vacuum_pattern
+from .ramp import anchor_ramp as anchor_ramp_to
+from .ramp import com_phase_gradients
 from .stitching import stitch
 
 #: relative difference of bright-field disk radii (model vs data) above which preprocess() warns
@@ -227,6 +229,7 @@ class DeepCDIReconstruction:
         progress: bool | None = None,
         symmetrize: bool = False,
         stitch_fraction: float | None = None,
+        anchor_ramp: bool = False,
     ) -> DeepCDIReconstruction:
         """Retrieve one phase patch per pattern with the network and stitch them into ``object_phase``.
 
@@ -254,6 +257,13 @@ class DeepCDIReconstruction:
             intensity (``ProbeGeometry.support_mask``; within the model's mask, where the network predicts): a
             patch size set by the probe, which drops the dimly lit, least accurate patch edges. Default: the
             model's whole mask.
+        anchor_ramp
+            Give the image the scan-averaged phase gradient that the preprocessed patterns' centres of mass measure
+            (Ehrenfest's theorem, :mod:`py4dstem_deepcdi.ramp`) instead of the one the per-patch tilts add up to:
+            removes the long-range ramp of offset-only stitching. With the default disk centring (which removes the
+            descan plane and with it the object's own mean tilt) the anchored gradient is zero, right for a field
+            of view without a net phase gradient (a crystal or a 2-D material, not an edge or a wedge); with
+            ``preprocess(centre=False)`` on data without descan it is the object's own.
         """
         if self.data is None:
             self.preprocess()
@@ -281,6 +291,12 @@ class DeepCDIReconstruction:
         )
         self.timings["stitching_s"] = time.perf_counter() - start
         self.object_phase = asnumpy(result.image)
+        ramp_removed = None
+        if anchor_ramp:
+            measured = com_phase_gradients(self.data.amplitudes, np.abs(geometry.probe_fourier) ** 2, amplitudes=True)
+            centres = positions_px + np.asarray(result.origin_px)
+            self.object_phase, removed = anchor_ramp_to(self.object_phase, centres, np.abs(geometry.probe) ** 2, measured)
+            ramp_removed = [float(v) for v in removed / np.array(self.sampling)]
         self.coverage = asnumpy(result.coverage)
         self.offsets = asnumpy(result.offsets)
         self.tilts = None if result.tilts is None else asnumpy(result.tilts)
@@ -292,6 +308,8 @@ class DeepCDIReconstruction:
             "symmetrize": bool(symmetrize),
             "weights": weights,
             "stitch_fraction": stitch_fraction,
+            "anchor_ramp": bool(anchor_ramp),
+            "ramp_removed_rad_per_A": ramp_removed,
             "n_pairs": solution.n_pairs,
             "energy_before": solution.energy_before,
             "energy_after": solution.energy_after,

@@ -129,3 +129,27 @@ def test_stitch_fraction_and_centring_options(dataset, tiny_model):
     np.testing.assert_allclose(fitted.data.centre, 16.0, atol=0.05)
     difference = np.abs(centred.data.amplitudes - fitted.data.amplitudes).mean()
     assert difference < 0.02 * np.abs(fitted.data.amplitudes).mean()  # sub-pixel resampling only
+
+
+def test_ramp_is_anchored_to_the_centres_of_mass(dataset, tiny_model):
+    """The anchored image differs from the stitched one by a plane, and its scan-averaged |P|²-weighted gradient
+    equals the one the patterns' centres of mass measure."""
+    from py4dstem_deepcdi.ramp import com_phase_gradients, probe_weighted_gradients
+
+    kept = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32", anchor_ramp=False)
+    recon = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32", anchor_ramp=True)
+    assert kept.stitch_info["ramp_removed_rad_per_A"] is None and recon.stitch_info["anchor_ramp"]
+    assert not make(dataset, tiny_model).preprocess().reconstruct(precision="fp32").stitch_info["anchor_ramp"]
+    geometry = recon.probe_geometry
+    measured = com_phase_gradients(recon.data.amplitudes, np.abs(geometry.probe_fourier) ** 2, amplitudes=True)
+    centres = recon.positions_px
+    image, valid = probe_weighted_gradients(recon.object_phase, centres, np.abs(geometry.probe) ** 2)
+    np.testing.assert_allclose(image[valid].mean(0), measured[valid].mean(0), atol=1e-9)
+    difference = recon.object_phase - kept.object_phase
+    rows, cols = np.indices(difference.shape)
+    finite = np.isfinite(difference)
+    design = np.stack([np.ones(finite.sum()), rows[finite], cols[finite]], -1)
+    coefficients, *_ = np.linalg.lstsq(design, difference[finite], rcond=None)
+    np.testing.assert_allclose(design @ coefficients, difference[finite], atol=1e-5)
+    removed = -coefficients[1:] / np.array(recon.sampling)
+    np.testing.assert_allclose(removed, recon.stitch_info["ramp_removed_rad_per_A"], rtol=1e-4, atol=1e-7)
