@@ -7,9 +7,11 @@ this package's one:
     ../abtem-env/bin/python bench/multislice.py make --out runs/multislice      # writes one .npz per dataset
     python bench/multislice.py score --data runs/multislice --threads 2         # table of deep CDI vs ePIE
     python bench/multislice.py ramps --model hbn-300kv-17mrad                   # stitching options vs the ramp
+    python bench/multislice.py vacuum --dataset hbn_monolayer                   # its vacuum pattern, to fine-tune with
 
 Datasets (300 keV, 17.1 mrad, C10 = −100 Å as the shipped model, sharp aperture as in abTEM, 0.25 Å steps, 1.6·10⁶
-e⁻/Å², Poisson noise): a monolayer of hexagonal BN and [001] SrTiO3 of 39 Å (10 unit cells) thickness. Each
+e⁻/Å², Poisson noise): a monolayer of hexagonal BN, a monolayer of 2H-MoS2 and [001] SrTiO3 of 39 Å (10 unit cells)
+thickness (``make --datasets NAME...`` makes some of them). Each
 file holds the counts (Rx, Ry, Qx, Qy), the calibrations, abTEM's vacuum diffraction pattern on the same detector, and
 the ground-truth phase σ·V_projected (rad) band-limited to the ptychographic information limit 2α/λ, on a 0.05 Å grid,
 with the scan positions in that grid's frame.
@@ -35,7 +37,7 @@ MAX_ANGLE = 36.0  # mrad, covers the model's ±32 mrad detector
 # ============================================================================================ make (abTEM env)
 def _structures():
     import ase
-    from ase.build import graphene
+    from ase.build import graphene, mx2
 
     hbn = graphene(formula="BN", a=2.504, size=(1, 1, 1), vacuum=2.0)
     import abtem
@@ -49,7 +51,9 @@ def _structures():
         pbc=True,
     ) * (5, 5, 10)
     sto.center(vacuum=2.0, axis=2)
-    return {"hbn_monolayer": hbn, "srtio3_39A": sto}
+    mos2 = abtem.orthogonalize_cell(mx2("MoS2", kind="2H", a=3.19, thickness=3.19, vacuum=2.0)) * (6, 4, 1)  # 19.1 × 22.1 Å
+    mos2.center(vacuum=2.0, axis=2)
+    return {"hbn_monolayer": hbn, "srtio3_39A": sto, "mos2_monolayer": mos2}
 
 
 def _square_pixels(intensity: np.ndarray, vacuum: np.ndarray, angular: np.ndarray):
@@ -74,7 +78,7 @@ def _square_pixels(intensity: np.ndarray, vacuum: np.ndarray, angular: np.ndarra
     return resampled, resample(vacuum), pixel
 
 
-def make(out: Path, seed: int) -> None:
+def make(out: Path, seed: int, datasets: list[str] | None = None) -> None:
     import abtem
 
     abtem.config.set({"device": "cpu"})
@@ -82,6 +86,8 @@ def make(out: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     sigma = abtem.core.energy.energy2sigma(ENERGY)
     for name, atoms in _structures().items():
+        if datasets and name not in datasets:
+            continue
         t0 = time.perf_counter()
         potential = abtem.Potential(atoms, sampling=0.05, slice_thickness=1.0, parametrization="lobato",
                                     projection="infinite")
@@ -234,12 +240,22 @@ def ramps(data: Path, model: str, threads: int, datasets: list[str] | None) -> N
                   f"{plain['rms_rad']:.4f} | {plain['phase_scale']:.2f} | {elapsed:.1f} |", flush=True)
 
 
+def vacuum(data: Path, dataset: str) -> None:
+    """Write a dataset's vacuum pattern (its own detector) as .npy for `deepcdi train --vacuum-probe`."""
+    f = np.load(data / f"{dataset}.npz")
+    out = data / f"{dataset}_vacuum.npy"
+    np.save(out, f["vacuum"])
+    print(f"{out}: {f['vacuum'].shape} pixels; train with --vacuum-probe {out} "
+          f"--vacuum-sampling {float(f['angular_sampling_mrad']):.6g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make", help="simulate the datasets with abTEM (run in the abTEM environment)")
     p.add_argument("--out", type=Path, default=Path("runs/multislice"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all)")
     p = sub.add_parser("score", help="deep CDI and ePIE against the ground truth")
     p.add_argument("--data", type=Path, default=Path("runs/multislice"))
     p.add_argument("--model", default="hbn-300kv-17mrad")
@@ -256,9 +272,14 @@ def main() -> None:
     p.add_argument("--model", default="hbn-300kv-17mrad")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all)")
+    p = sub.add_parser("vacuum", help="write a dataset's vacuum pattern for fine-tuning with --vacuum-probe")
+    p.add_argument("--data", type=Path, default=Path("runs/multislice"))
+    p.add_argument("--dataset", default="hbn_monolayer")
     args = parser.parse_args()
-    if args.command == "make":
-        make(args.out, args.seed)
+    if args.command == "vacuum":
+        vacuum(args.data, args.dataset)
+    elif args.command == "make":
+        make(args.out, args.seed, args.datasets)
     elif args.command == "ramps":
         ramps(args.data, args.model, args.threads, args.datasets)
     else:

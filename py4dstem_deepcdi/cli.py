@@ -19,6 +19,8 @@ def _add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rolloff", type=float, default=2.0, help="aperture edge taper (mrad), 0 = sharp")
     g.add_argument("--mask-threshold", type=float, default=0.1, help="illuminated mask: |P|² > t·max|P|²")
     g.add_argument("--vacuum-probe", type=Path, default=None, help="measured vacuum pattern (.npy) used as aperture")
+    g.add_argument("--vacuum-sampling", type=float, default=None,
+                   help="pixel size of the vacuum pattern (mrad): resample it onto the model's detector")
     for name in POLAR_NAMES:
         unit = "rad" if name.startswith("phi") else "Å"
         g.add_argument(f"--{name}", type=float, default=-100.0 if name == "C10" else 0.0, help=f"{name} ({unit})")
@@ -30,17 +32,26 @@ def geometry_from_args(args: argparse.Namespace):
 
     from .probe import ProbeGeometry  # noqa: PLC0415
 
-    vacuum = np.load(args.vacuum_probe) if args.vacuum_probe else None
-    return ProbeGeometry(
-        energy=args.energy,
-        semiangle_cutoff=args.semiangle,
-        detector_shape=tuple(args.detector),
-        angular_sampling=args.angular_sampling,
-        aberrations={name: getattr(args, name) for name in POLAR_NAMES},
-        rolloff=args.rolloff,
-        vacuum_probe_intensity=vacuum,
-        mask_threshold=args.mask_threshold,
-    )
+    def geometry(vacuum=None):
+        return ProbeGeometry(
+            energy=args.energy,
+            semiangle_cutoff=args.semiangle,
+            detector_shape=tuple(args.detector),
+            angular_sampling=args.angular_sampling,
+            aberrations={name: getattr(args, name) for name in POLAR_NAMES},
+            rolloff=args.rolloff,
+            vacuum_probe_intensity=vacuum,
+            mask_threshold=args.mask_threshold,
+        )
+
+    if not args.vacuum_probe:
+        return geometry()
+    vacuum = np.load(args.vacuum_probe)
+    if args.vacuum_sampling is not None:
+        from .preprocessing import resample_vacuum  # noqa: PLC0415
+
+        vacuum = resample_vacuum(vacuum, args.vacuum_sampling, geometry())
+    return geometry(vacuum)
 
 
 def _ranges_from_args(args: argparse.Namespace):

@@ -153,6 +153,39 @@ def resample_patterns(
     return w0 @ patterns @ w1.transpose(1, 2)
 
 
+def resample_vacuum(vacuum_probe_intensity, angular_sampling: float, geometry: ProbeGeometry) -> np.ndarray:
+    """A measured vacuum pattern on any detector, resampled onto the model's detector (sum 1).
+
+    Parameters
+    ----------
+    vacuum_probe_intensity
+        The vacuum diffraction pattern (2-D array, DiffractionSlice, or a DataCube whose mean pattern is used).
+    angular_sampling
+        Its detector pixel size (mrad).
+    geometry
+        The model's geometry: its detector shape and angular sampling; the bright-field disk's centre of mass lands
+        on pixel (N0 // 2, N1 // 2), as :func:`preprocess` centres the data.
+    """
+    from .probe import vacuum_pattern  # noqa: PLC0415
+
+    data = vacuum_pattern(vacuum_probe_intensity)
+    if not (math.isfinite(angular_sampling) and angular_sampling > 0):
+        raise ValueError(f"angular_sampling of the vacuum pattern must be positive (mrad), got {angular_sampling!r}")
+    if not np.all(np.isfinite(data)) or data.min() < 0 or data.sum() <= 0:
+        raise ValueError("the vacuum pattern must be finite, non-negative and hold counts")
+    total = data.sum()
+    centre = [(data.sum(1) * np.arange(data.shape[0])).sum() / total, (data.sum(0) * np.arange(data.shape[1])).sum() / total]
+    out = resample_patterns(torch.from_numpy(data[None]), torch.tensor([centre], dtype=torch.float64), angular_sampling,
+                            geometry)[0].numpy()
+    if out.sum() < 0.99 * total:
+        raise ValueError(
+            f"the model's detector ({geometry.detector_shape[0]}×{geometry.detector_shape[1]} pixels of "
+            f"{geometry.angular_sampling:g} mrad) catches only {out.sum() / total:.0%} of the vacuum pattern's counts; "
+            "check angular_sampling (mrad per pixel of the vacuum pattern)"
+        )
+    return out / out.sum()
+
+
 def estimate_rotation(datacube, energy: float) -> tuple[float, bool]:
     """Scan rotation (deg) and transpose from py4DSTEM's centre-of-mass (DPC) curl minimisation."""
     import py4DSTEM  # noqa: PLC0415

@@ -143,7 +143,8 @@ class ProbeGeometry:
             if vacuum_probe_intensity.shape != self.detector_shape:
                 raise ValueError(
                     f"vacuum_probe_intensity has shape {vacuum_probe_intensity.shape}, expected the detector shape "
-                    f"{self.detector_shape}; bin or crop it like the data"
+                    f"{self.detector_shape}; resample it onto the model's detector with "
+                    "preprocessing.resample_vacuum(pattern, angular_sampling, geometry) (deepcdi: --vacuum-sampling MRAD)"
                 )
             if not np.all(np.isfinite(vacuum_probe_intensity)) or vacuum_probe_intensity.sum() <= 0:
                 raise ValueError("vacuum_probe_intensity must be finite with a positive sum")

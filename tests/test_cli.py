@@ -105,3 +105,19 @@ def test_recover_probe_then_reconstruct_with_it(tmp_path, model_file, capsys):
     code = main(["recover-probe", str(data), "--output", str(tmp_path / "x.json"), "--model", str(model_file), *common])
     assert code == 2 and "needs a probe-conditioned model" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_vacuum_probe_on_another_detector_is_resampled(tmp_path, geometry):
+    from py4dstem_deepcdi.cli import build_parser, geometry_from_args
+
+    own = np.abs(geometry.probe_fourier) ** 2
+    path = tmp_path / "vacuum.npy"
+    np.save(path, np.repeat(np.repeat(own, 2, 0), 2, 1))  # 64×64 pixels of 1 mrad
+    args = build_parser().parse_args(["train", "--output", str(tmp_path / "m.pt"), "--vacuum-probe", str(path),
+                                      "--vacuum-sampling", "1.0"])
+    vacuum = geometry_from_args(args).vacuum_probe_intensity
+    assert vacuum.shape == (32, 32) and vacuum.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(vacuum, own / own.sum(), atol=1e-6 * own.max() / own.sum())
+    args = build_parser().parse_args(["train", "--output", str(tmp_path / "m.pt"), "--vacuum-probe", str(path)])
+    with pytest.raises(ValueError, match="--vacuum-sampling"):
+        geometry_from_args(args)

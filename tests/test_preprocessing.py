@@ -3,7 +3,7 @@ import py4DSTEM
 import pytest
 import torch
 
-from py4dstem_deepcdi.preprocessing import fit_disk_centres, preprocess, resample_patterns
+from py4dstem_deepcdi.preprocessing import fit_disk_centres, preprocess, resample_patterns, resample_vacuum
 from py4dstem_deepcdi.probe import ProbeGeometry
 from py4dstem_deepcdi.simulation import network_input, simulate_dataset
 
@@ -98,3 +98,21 @@ def test_bad_inputs(dataset, geometry):
         preprocess(dataset.datacube.data, geometry, scan_step=0.3, angular_sampling=1.0)
     with pytest.raises(ValueError, match="subsample"):
         preprocess(dataset.datacube, geometry, subsample=0)
+
+
+def test_vacuum_pattern_is_resampled_onto_the_model_detector(geometry):
+    """A vacuum pattern recorded off-centre on a finer, larger detector comes back as the model's own aperture."""
+    own = np.abs(geometry.probe_fourier) ** 2
+    own /= own.sum()
+    fine = np.zeros((90, 80))
+    fine[7:71, 12:76] = np.repeat(np.repeat(own, 2, 0), 2, 1) / 4  # 1 mrad pixels, disk centred at (39.5, 44.5)
+    resampled = resample_vacuum(fine * 5e4, 1.0, geometry)
+    np.testing.assert_allclose(resampled, own, atol=1e-7 * own.max())
+    assert resampled.sum() == pytest.approx(1.0)
+    ProbeGeometry(300e3, 17.1, angular_sampling=2.0, vacuum_probe_intensity=resampled)  # accepted as an aperture
+    with pytest.raises(ValueError, match="catches only"):
+        resample_vacuum(fine, 10.0, geometry)  # told 10 mrad: the disk would reach 85 mrad, past the ±32 mrad detector
+    with pytest.raises(ValueError, match="non-negative"):
+        resample_vacuum(-fine, 1.0, geometry)
+    with pytest.raises(ValueError, match="resample_vacuum"):
+        ProbeGeometry(300e3, 17.1, angular_sampling=2.0, vacuum_probe_intensity=fine)
