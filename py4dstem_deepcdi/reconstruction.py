@@ -20,7 +20,7 @@ from .backend import asnumpy, get_array_module, torch_device
 from .inference import predict
 from .io import read_result, save_result
 from .models import DeepCDIModel, as_model
-from .preprocessing import PreprocessedData, preprocess
+from .preprocessing import PreprocessedData, preprocess, resample_vacuum
 from .probe import ProbeGeometry, normalise_aberrations, vacuum_pattern
 from .ramp import anchor_ramp as anchor_ramp_to
 from .ramp import com_phase_gradients
@@ -212,11 +212,17 @@ class DeepCDIReconstruction:
                     f"(rolloff {self.model.geometry.rolloff} mrad); train with vacuum_probe_intensity for best results",
                     stacklevel=3,
                 )
-            elif vacuum.shape == self.model.geometry.detector_shape:
+            else:
+                if vacuum.shape != self.model.geometry.detector_shape:  # on the data's detector, like the data
+                    vacuum = resample_vacuum(vacuum, self.data.data_angular_sampling, self.model.geometry)
                 a = vacuum / vacuum.sum()
                 b = self.model.geometry.vacuum_probe_intensity / self.model.geometry.vacuum_probe_intensity.sum()
                 if np.abs(a - b).sum() > 0.1:
-                    warnings.warn("the measured vacuum probe differs from the model's by > 10% (L1)", stacklevel=3)
+                    warnings.warn(
+                        f"the measured vacuum probe differs from the model's by {np.abs(a - b).sum():.0%} (L1 of the "
+                        "normalised patterns on the model's detector); fine-tune the model with this vacuum pattern",
+                        stacklevel=3,
+                    )
 
     def reconstruct(
         self,

@@ -153,3 +153,31 @@ def test_ramp_is_anchored_to_the_centres_of_mass(dataset, tiny_model):
     np.testing.assert_allclose(design @ coefficients, difference[finite], atol=1e-5)
     removed = -coefficients[1:] / np.array(recon.sampling)
     np.testing.assert_allclose(removed, recon.stitch_info["ramp_removed_rad_per_A"], rtol=1e-4, atol=1e-7)
+
+
+def test_vacuum_probe_on_the_data_detector_is_checked_against_the_model(dataset, geometry):
+    """A vacuum pattern on the data's own (finer) detector is resampled and compared with the model's aperture."""
+    import warnings
+
+    from py4dstem_deepcdi.probe import ProbeGeometry
+
+    def finer(pattern):  # 2 mrad pixels split into four 1 mrad pixels
+        return np.repeat(np.repeat(pattern, 2, -2), 2, -1) / 4
+
+    own = np.abs(geometry.probe_fourier) ** 2
+    vacuum_model = ProbeGeometry(300e3, 17.1, angular_sampling=2.0, aberrations=geometry.aberrations,
+                                 mask_threshold=0.1, vacuum_probe_intensity=own)
+    model = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), vacuum_model, {"name": "tiny-vacuum"})
+    datacube = py4DSTEM.DataCube(data=finer(dataset.datacube.data))
+    datacube.calibration.set_R_pixel_size(0.3)
+    datacube.calibration.set_R_pixel_units("A")
+    datacube.calibration.set_Q_pixel_size(1.0)
+    datacube.calibration.set_Q_pixel_units("mrad")
+    args = dict(energy=300e3, semiangle_cutoff=17.1, C10=-100.0, C12=20.0, phi12=0.5, model=model, rotation_deg=0,
+                transpose=False, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DeepCDIReconstruction(datacube, vacuum_probe_intensity=finer(own), **args).preprocess()  # same aperture: quiet
+    wider = finer(np.abs(ProbeGeometry(300e3, 19.0, angular_sampling=2.0).probe_fourier) ** 2)
+    with pytest.warns(UserWarning, match="differs from the model's by"):
+        DeepCDIReconstruction(datacube, vacuum_probe_intensity=wider, **args).preprocess()
