@@ -6,8 +6,9 @@
 
 Each checkpoint (or model file) is scored on a simulated 40×40 lattice scan (0.5 rad, 10⁵ e⁻/pattern, step 0.25 Å,
 the package's own forward model and the snapshot's own probe) and, if present, on the abTEM hBN monolayer of
-``bench/multislice.py`` (its vacuum pattern only for ePIE; the network sees the data as they are). Prints samples,
-training minutes and the correlation with the truth (ramp removed in brackets).
+``bench/multislice.py`` (its vacuum pattern only for ePIE; the network sees the data as they are), plainly and with
+``anchor_ramp=True, stitch_fraction=0.5``. Prints samples, training minutes and the correlation with the truth (ramp
+removed in brackets).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)  # the aperture-edge warnings are the point here
-    print("| snapshot | samples | minutes | lattice | abTEM hBN |\n|---|---|---|---|---|")
+    print("| snapshot | samples | minutes | lattice | abTEM hBN | abTEM hBN, anchored, 50% disk |\n|---|---|---|---|---|---|")
     for path in args.snapshots:
         if path.suffix == ".ckpt":
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -58,12 +59,13 @@ def main() -> None:
         ds = simulate_dataset(g, scan_shape=(40, 40), scan_step=0.25, dose=1.6e6, seed=1)
         lattice = DeepCDIReconstruction(ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=0,
                                         transpose=False, verbose=False, **g.aberrations).preprocess().reconstruct()
-        hbn = "–"
+        hbn = anchored = "–"
         if args.multislice.exists():
             dc, truth, f = _load(args.multislice)
             hbn = _scores(_deep_cdi(dc, f, model), truth)
+            anchored = _scores(_deep_cdi(dc, f, model, anchor_ramp=True, stitch_fraction=0.5), truth)
         print(f"| {path.name} | {last.get('samples', '?')} | {last.get('minutes', float('nan')):.0f} | "
-              f"{_scores(lattice, ds)} | {hbn} |", flush=True)
+              f"{_scores(lattice, ds)} | {hbn} | {anchored} |", flush=True)
 
 
 if __name__ == "__main__":
