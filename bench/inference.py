@@ -36,7 +36,7 @@ from py4dstem_deepcdi.models import DeepCDIModel, load_model  # noqa: E402
 from py4dstem_deepcdi.network import ResUNet, count_parameters  # noqa: E402
 from py4dstem_deepcdi.probe import ProbeGeometry  # noqa: E402
 from py4dstem_deepcdi.simulation import StreamConfig, TrainingStream  # noqa: E402
-from py4dstem_deepcdi.training import VALIDATION_WORKER, masked_l1  # noqa: E402
+from py4dstem_deepcdi.training import VALIDATION_WORKER, checkpoint_geometry, masked_l1  # noqa: E402
 
 
 def default_geometry() -> ProbeGeometry:
@@ -188,10 +188,10 @@ def bf16_accuracy(model: DeepCDIModel, n: int) -> dict[str, float]:
 def model_from_checkpoint(path: Path) -> DeepCDIModel:
     """The network and geometry of a :class:`~py4dstem_deepcdi.training.Trainer` checkpoint (safe load)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    config, geometry = json.loads(payload["config"]), json.loads(payload["geometry"])
+    config = json.loads(payload["config"])
     network = ResUNet(config["width"], config["depth"], config["dropout"])
     network.load_state_dict(payload["network"])
-    return DeepCDIModel(network.eval(), ProbeGeometry.from_dict(geometry), {"step": int(payload["step"])})
+    return DeepCDIModel(network.eval(), checkpoint_geometry(payload), {"step": int(payload["step"])})
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -55,6 +55,9 @@ def main() -> None:
             model = as_model(str(path))
             history = [model.metadata.get("training", {})]
         last = history[-1] if history else {}
+        if path.suffix == ".ckpt":  # the snapshot's own step, not its last validation's
+            batch = json.loads(payload["config"])["stream"]["batch_size"]
+            last = {"samples": int(payload["step"]) * batch, "minutes": float(payload["elapsed"]) / 60}
         g = model.geometry
         ds = simulate_dataset(g, scan_shape=(40, 40), scan_step=0.25, dose=1.6e6, seed=1)
         lattice = DeepCDIReconstruction(ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=0,

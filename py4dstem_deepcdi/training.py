@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -165,6 +166,18 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def checkpoint_geometry(payload: dict[str, Any]) -> ProbeGeometry:
+    """The geometry a checkpoint was trained for, with its vacuum pattern if it had one."""
+    saved = json.loads(payload["geometry"])
+    vacuum = payload.get("vacuum_probe_intensity")
+    if saved.get("has_vacuum_probe") and vacuum is None:
+        raise ValueError(
+            "this checkpoint was trained with a vacuum pattern that it does not store (written before checkpoints "
+            "carried it); build the Trainer with ProbeGeometry(..., vacuum_probe_intensity=...) and this checkpoint"
+        )
+    return ProbeGeometry.from_dict(saved, vacuum_probe_intensity=None if vacuum is None else vacuum.numpy())
+
+
 class Trainer:
     """Train a :class:`ResUNet` for one geometry from the simulated stream, with checkpoints and resume.
 
@@ -225,7 +238,7 @@ class Trainer:
         """
         payload = _read_checkpoint(checkpoint)
         config = json.loads(payload["config"])
-        geometry = ProbeGeometry.from_dict(json.loads(payload["geometry"]))
+        geometry = checkpoint_geometry(payload)
         config.update(changes)
         return cls(geometry, TrainConfig(**config), checkpoint=checkpoint, device=device)
 
@@ -308,6 +321,8 @@ class Trainer:
             "portable": self.portable_checkpoint,
             "rng": torch.get_rng_state(),
         }
+        if self.geometry.vacuum_probe_intensity is not None:  # the checkpoint alone rebuilds the geometry
+            payload["vacuum_probe_intensity"] = torch.as_tensor(self.geometry.vacuum_probe_intensity)
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
         return path
@@ -325,6 +340,12 @@ class Trainer:
             )
         if json.loads(payload["geometry"]) != json.loads(json.dumps(self.geometry.to_dict())):
             raise ValueError(f"checkpoint {str(self.checkpoint)!r} was made for another geometry")
+        saved_vacuum = payload.get("vacuum_probe_intensity")
+        if saved_vacuum is not None and not np.allclose(saved_vacuum.numpy(), self.geometry.vacuum_probe_intensity):
+            raise ValueError(
+                f"checkpoint {str(self.checkpoint)!r} was made with another vacuum pattern; resume with the same "
+                "--vacuum-probe or start a new checkpoint file"
+            )
         self.network.load_state_dict(payload["network"])
         self.optimizer.load_state_dict(payload["optimizer"])  # casts bfloat16 moments back to the weights' dtype
         self.portable_checkpoint = self.portable_checkpoint or bool(payload.get("portable", False))

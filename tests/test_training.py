@@ -154,6 +154,30 @@ def test_checkpoint_mismatch_and_corruption(tmp_path, geometry):
         Trainer(geometry, small_config(), checkpoint=tmp_path / "bad.ckpt")
 
 
+def test_checkpoint_carries_the_vacuum_pattern(tmp_path, geometry):
+    """A run trained with a vacuum pattern can be rebuilt from its checkpoint alone and refuses another pattern."""
+    import numpy as np
+
+    own = np.abs(geometry.probe_fourier) ** 2
+    vacuum = geometry.replace(vacuum_probe_intensity=own)
+    Trainer(vacuum, small_config(steps=2), checkpoint=tmp_path / "v.ckpt").train(progress=False)
+    rebuilt = Trainer.from_checkpoint(tmp_path / "v.ckpt", steps=4)
+    np.testing.assert_array_equal(rebuilt.geometry.vacuum_probe_intensity, vacuum.vacuum_probe_intensity)
+    assert rebuilt.step == 2
+    rebuilt.train(progress=False)
+    assert rebuilt.step == 4
+    wider = geometry.replace(vacuum_probe_intensity=np.abs(geometry.replace(semiangle_cutoff=19.0).probe_fourier) ** 2)
+    with pytest.raises(ValueError, match="another vacuum pattern"):
+        Trainer(wider, small_config(steps=2), checkpoint=tmp_path / "v.ckpt")
+    with pytest.raises(ValueError, match="another geometry"):  # no vacuum pattern at all
+        Trainer(geometry, small_config(steps=2), checkpoint=tmp_path / "v.ckpt")
+    payload = torch.load(tmp_path / "v.ckpt", weights_only=True)
+    del payload["vacuum_probe_intensity"]  # as written before checkpoints carried it
+    torch.save(payload, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="does not store"):
+        Trainer.from_checkpoint(tmp_path / "old.ckpt")
+
+
 def test_export_and_history_figure(tmp_path, geometry):
     trainer = Trainer(geometry, small_config(steps=2))
     history = trainer.train(progress=False)
