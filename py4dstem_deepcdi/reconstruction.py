@@ -69,7 +69,8 @@ class DeepCDIReconstruction:
     subsample
         Use every n-th scan position along both axes.
     vacuum_probe_intensity
-        Measured vacuum pattern (array or DataCube) of the experiment, compared with the model's aperture.
+        Measured vacuum pattern (array or DataCube) of the experiment, compared with the model's aperture: on the
+        data's detector (resampled like the data) or already on the model's (same shape as its patterns).
     verbose
         Progress bars and messages.
     """
