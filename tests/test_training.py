@@ -154,6 +154,17 @@ def test_checkpoint_mismatch_and_corruption(tmp_path, geometry):
         Trainer(geometry, small_config(), checkpoint=tmp_path / "bad.ckpt")
 
 
+def test_from_scratch_relative_loss_warns(geometry):
+    """The relative loss stalls from scratch (measured): the trainer says so and names the first-stage recipe."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="--loss l1 --phase-max 0.1 1.5"):
+        Trainer(geometry, small_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(geometry, small_config(loss="l1"))
+
+
 def test_checkpoint_carries_the_vacuum_pattern(tmp_path, geometry):
     """A run trained with a vacuum pattern can be rebuilt from its checkpoint alone and refuses another pattern."""
     import numpy as np
