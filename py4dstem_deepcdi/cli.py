@@ -32,26 +32,23 @@ def geometry_from_args(args: argparse.Namespace):
 
     from .probe import ProbeGeometry  # noqa: PLC0415
 
-    def geometry(vacuum=None):
-        return ProbeGeometry(
-            energy=args.energy,
-            semiangle_cutoff=args.semiangle,
-            detector_shape=tuple(args.detector),
-            angular_sampling=args.angular_sampling,
-            aberrations={name: getattr(args, name) for name in POLAR_NAMES},
-            rolloff=args.rolloff,
-            vacuum_probe_intensity=vacuum,
-            mask_threshold=args.mask_threshold,
-        )
-
+    geometry = ProbeGeometry(
+        energy=args.energy,
+        semiangle_cutoff=args.semiangle,
+        detector_shape=tuple(args.detector),
+        angular_sampling=args.angular_sampling,
+        aberrations={name: getattr(args, name) for name in POLAR_NAMES},
+        rolloff=args.rolloff,
+        mask_threshold=args.mask_threshold,
+    )
     if not args.vacuum_probe:
-        return geometry()
+        return geometry
     vacuum = np.load(args.vacuum_probe)
     if args.vacuum_sampling is not None:
         from .preprocessing import resample_vacuum  # noqa: PLC0415
 
-        vacuum = resample_vacuum(vacuum, args.vacuum_sampling, geometry())
-    return geometry(vacuum)
+        vacuum = resample_vacuum(vacuum, args.vacuum_sampling, geometry)
+    return geometry.replace(vacuum_probe_intensity=vacuum)
 
 
 def _ranges_from_args(args: argparse.Namespace):

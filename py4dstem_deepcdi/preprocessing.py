@@ -106,19 +106,23 @@ def detector_sampling(datacube, wavelength: float, angular_sampling: float | Non
     return value
 
 
+def centres_of_mass(patterns: np.ndarray) -> np.ndarray:
+    """Centres of mass (..., 2) of patterns (..., Qx, Qy) in pixels (row, col), computed in float64."""
+    patterns = np.asarray(patterns, dtype=np.float64)
+    total = patterns.sum((-2, -1))
+    if np.any(total <= 0):
+        raise ValueError("some diffraction patterns hold no counts; remove or mask those scan positions")
+    q0 = np.arange(patterns.shape[-2], dtype=np.float64)
+    q1 = np.arange(patterns.shape[-1], dtype=np.float64)
+    return np.stack([patterns.sum(-1) @ q0 / total, patterns.sum(-2) @ q1 / total], -1)
+
+
 def fit_disk_centres(data: np.ndarray, chunk_rows: int = 16) -> np.ndarray:
     """Centres of mass (Rx, Ry, 2) of every pattern, fitted by a plane over the scan (data pixels)."""
-    rx, ry, qx, qy = data.shape
-    kx = np.arange(qx, dtype=np.float64)[:, None]
-    ky = np.arange(qy, dtype=np.float64)[None, :]
+    rx, ry = data.shape[:2]
     com = np.empty((rx, ry, 2))
     for start in range(0, rx, chunk_rows):
-        block = np.asarray(data[start : start + chunk_rows], dtype=np.float64)
-        total = block.sum((-2, -1))
-        if np.any(total <= 0):
-            raise ValueError("some diffraction patterns hold no counts; remove or mask those scan positions")
-        com[start : start + chunk_rows, :, 0] = (block * kx).sum((-2, -1)) / total
-        com[start : start + chunk_rows, :, 1] = (block * ky).sum((-2, -1)) / total
+        com[start : start + chunk_rows] = centres_of_mass(data[start : start + chunk_rows])
     x, y = np.meshgrid(np.arange(rx), np.arange(ry), indexing="ij")
     design = np.stack([np.ones(rx * ry), x.ravel(), y.ravel()], -1)
     coefficients, *_ = np.linalg.lstsq(design, com.reshape(-1, 2), rcond=None)
@@ -174,9 +178,8 @@ def resample_vacuum(vacuum_probe_intensity, angular_sampling: float, geometry: P
     if not np.all(np.isfinite(data)) or data.min() < 0 or data.sum() <= 0:
         raise ValueError("the vacuum pattern must be finite, non-negative and hold counts")
     total = data.sum()
-    centre = [(data.sum(1) * np.arange(data.shape[0])).sum() / total, (data.sum(0) * np.arange(data.shape[1])).sum() / total]
-    out = resample_patterns(torch.from_numpy(data[None]), torch.tensor([centre], dtype=torch.float64), angular_sampling,
-                            geometry)[0].numpy()
+    centre = torch.from_numpy(centres_of_mass(data[None]))
+    out = resample_patterns(torch.from_numpy(data[None]), centre, angular_sampling, geometry)[0].numpy()
     if out.sum() < 0.99 * total:
         raise ValueError(
             f"the model's detector ({geometry.detector_shape[0]}×{geometry.detector_shape[1]} pixels of "

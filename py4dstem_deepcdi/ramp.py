@@ -30,6 +30,8 @@ import math
 import numpy as np
 from scipy import ndimage, signal
 
+from .preprocessing import centres_of_mass
+
 
 def com_phase_gradients(
     intensities: np.ndarray, probe_intensity: np.ndarray, amplitudes: bool = False, chunk: int = 8192
@@ -55,18 +57,10 @@ def com_phase_gradients(
             f"got {intensities.shape}"
         )
     n0, n1 = intensities.shape[1:]
-    q0, q1 = np.arange(n0, dtype=np.float64), np.arange(n1, dtype=np.float64)
-
-    def centre_of_mass(patterns: np.ndarray) -> np.ndarray:
-        total = patterns.sum((-2, -1))
-        if np.any(total <= 0):
-            raise ValueError("some diffraction patterns hold no counts: their centre of mass is undefined")
-        return np.stack([patterns.sum(-1) @ q0 / total, patterns.sum(-2) @ q1 / total], -1)
-
-    reference = centre_of_mass(np.asarray(probe_intensity, dtype=np.float64)[None])[0]
+    reference = centres_of_mass(probe_intensity)
     power = 2 if amplitudes else 1
     com = np.concatenate([
-        centre_of_mass(intensities[i : i + chunk].astype(np.float64) ** power) for i in range(0, len(intensities), chunk)
+        centres_of_mass(intensities[i : i + chunk].astype(np.float64) ** power) for i in range(0, len(intensities), chunk)
     ])
     return 2 * math.pi * (com - reference) / np.array([n0, n1])
 
