@@ -8,10 +8,11 @@ this package's one:
     python bench/multislice.py score --data runs/multislice --threads 2         # table of deep CDI vs ePIE
     python bench/multislice.py ramps --model hbn-300kv-17mrad                   # stitching options vs the ramp
     python bench/multislice.py vacuum --dataset hbn_monolayer                   # its vacuum pattern, to fine-tune with
+    python bench/multislice.py resimulate --datasets srtio3_8A --epie-iters 20  # the truth through this package's physics
 
 Datasets (300 keV, 17.1 mrad, C10 = −100 Å as the shipped model, sharp aperture as in abTEM, 0.25 Å steps, 1.6·10⁶
-e⁻/Å², Poisson noise): a monolayer of hexagonal BN, a monolayer of 2H-MoS2 and [001] SrTiO3 of 39 Å (10 unit cells)
-thickness (``make --datasets NAME...`` makes some of them). Each
+e⁻/Å², Poisson noise): a monolayer of hexagonal BN, a monolayer of 2H-MoS2 and [001] SrTiO3 of 39 Å (10 unit cells) and of
+7.8 Å (2 unit cells) thickness (``make --datasets NAME...`` makes some of them). Each
 file holds the counts (Rx, Ry, Qx, Qy), the calibrations, abTEM's vacuum diffraction pattern on the same detector, and
 the ground-truth phase σ·V_projected (rad) band-limited to the ptychographic information limit 2α/λ, on a 0.05 Å grid,
 with the scan positions in that grid's frame.
@@ -44,16 +45,18 @@ def _structures():
 
     hbn = abtem.orthogonalize_cell(hbn) * (7, 4, 1)  # 17.53 × 17.35 Å
     hbn.center(vacuum=2.0, axis=2)
-    sto = ase.Atoms(
+    cell = ase.Atoms(
         "SrTiOOO",
         scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
         cell=[3.905] * 3,
         pbc=True,
-    ) * (5, 5, 10)
-    sto.center(vacuum=2.0, axis=2)
+    )
+    sto, sto_thin = cell * (5, 5, 10), cell * (5, 5, 2)
+    for slab in (sto, sto_thin):
+        slab.center(vacuum=2.0, axis=2)
     mos2 = abtem.orthogonalize_cell(mx2("MoS2", kind="2H", a=3.19, thickness=3.19, vacuum=2.0)) * (6, 4, 1)  # 19.1 × 22.1 Å
     mos2.center(vacuum=2.0, axis=2)
-    return {"hbn_monolayer": hbn, "srtio3_39A": sto, "mos2_monolayer": mos2}
+    return {"hbn_monolayer": hbn, "srtio3_39A": sto, "mos2_monolayer": mos2, "srtio3_8A": sto_thin}
 
 
 def _square_pixels(intensity: np.ndarray, vacuum: np.ndarray, angular: np.ndarray):
@@ -240,6 +243,49 @@ def ramps(data: Path, model: str, threads: int, datasets: list[str] | None) -> N
                   f"{plain['rms_rad']:.4f} | {plain['phase_scale']:.2f} | {elapsed:.1f} |", flush=True)
 
 
+def resimulate(data: Path, model: str, threads: int, datasets: list[str] | None, epie_iters: int,
+               phase_scales: list[float], **reconstruct) -> None:
+    """The abTEM truth re-simulated with this package's forward model and the model's own probe (same scan, same
+    electrons per pattern), reconstructed and scored: separates the network's error from the physics mismatch."""
+    import torch
+    from scipy.ndimage import map_coordinates
+
+    from py4dstem_deepcdi.comparison import compare_with_epie, score_reconstruction
+    from py4dstem_deepcdi.models import as_model
+    from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
+    from py4dstem_deepcdi.simulation import simulate_dataset
+
+    torch.set_num_threads(threads)
+    loaded = as_model(model)
+    g = loaded.geometry
+    print(f"model {model}\n| dataset | phase × | deep CDI corr. (ramp removed) | RMS (rad) | scale | ePIE corr. (ramp removed) |"
+          "\n|---|---|---|---|---|---|")
+    for path in sorted(data.glob("*.npz")):
+        if datasets and path.stem not in datasets:
+            continue
+        f = np.load(path)
+        truth, truth_sampling = f["truth_phase"].astype(np.float64), np.asarray(f["truth_sampling_A"], dtype=float)
+        n = g.detector_shape[0] + int(np.ceil(SCAN * STEP / g.sampling[0])) + 8
+        grid = np.indices((n, n), dtype=float) * g.sampling[0] / truth_sampling[:, None, None]
+        phase = map_coordinates(truth, grid, order=3, mode="grid-wrap")  # the cell is periodic
+        electrons = float(f["counts"].sum((-2, -1)).mean())
+        for scale in phase_scales:
+            ds = simulate_dataset(g, scan_shape=(SCAN, SCAN), scan_step=STEP, electrons=electrons, phase=phase * scale, seed=1)
+            recon = DeepCDIReconstruction(
+                ds.datacube, g.energy, g.semiangle_cutoff, model=loaded, rotation_deg=0.0, transpose=False,
+                verbose=False, vacuum_probe_intensity=g.vacuum_probe_intensity, **g.aberrations,
+            ).preprocess().reconstruct(progress=False, **reconstruct)
+            plain, flat = (score_reconstruction(recon, ds, remove_ramp=r) for r in (False, True))
+            epie = ""
+            if epie_iters:
+                vs = [compare_with_epie(recon, num_iter=epie_iters, remove_ramp=r, ground_truth=ds, adf=False, progress=False,
+                                        epie_kwargs={"vacuum_probe_intensity": g.vacuum_probe_intensity})
+                      .vs_truth["epie"]["correlation"] for r in (False, True)]
+                epie = f"{vs[0]:.3f} ({vs[1]:.3f})"
+            print(f"| {path.stem} | {scale:g} | {plain['correlation']:.3f} ({flat['correlation']:.3f}) | "
+                  f"{plain['rms_rad']:.4f} | {plain['phase_scale']:.2f} | {epie} |", flush=True)
+
+
 def vacuum(data: Path, dataset: str) -> None:
     """Write a dataset's vacuum pattern (its own detector) as .npy for `deepcdi train --vacuum-probe`."""
     f = np.load(data / f"{dataset}.npz")
@@ -272,6 +318,15 @@ def main() -> None:
     p.add_argument("--model", default="hbn-300kv-17mrad")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all)")
+    p = sub.add_parser("resimulate", help="the truth re-simulated with this package's forward model, scored")
+    p.add_argument("--data", type=Path, default=Path("runs/multislice"))
+    p.add_argument("--model", default="hbn-300kv-17mrad")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all)")
+    p.add_argument("--epie-iters", type=int, default=0, help="also ePIE on the re-simulated data (0: not)")
+    p.add_argument("--phase-scales", type=float, nargs="+", default=[1.0], help="multiply the truth by these")
+    p.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
+    p.add_argument("--anchor-ramp", action="store_true", help="anchor the deep-CDI ramp to the patterns' centres of mass")
     p = sub.add_parser("vacuum", help="write a dataset's vacuum pattern for fine-tuning with --vacuum-probe")
     p.add_argument("--data", type=Path, default=Path("runs/multislice"))
     p.add_argument("--dataset", default="hbn_monolayer")
@@ -280,6 +335,9 @@ def main() -> None:
         vacuum(args.data, args.dataset)
     elif args.command == "make":
         make(args.out, args.seed, args.datasets)
+    elif args.command == "resimulate":
+        resimulate(args.data, args.model, args.threads, args.datasets, args.epie_iters, args.phase_scales,
+                   stitch_fraction=args.stitch_fraction, anchor_ramp=args.anchor_ramp)
     elif args.command == "ramps":
         ramps(args.data, args.model, args.threads, args.datasets)
     else:

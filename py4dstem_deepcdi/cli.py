@@ -89,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         stream=stream,
         init_from=args.init_from,
+        l1_stage=args.l1_stage,
     )
     checkpoint = args.checkpoint or args.output.with_suffix(".ckpt")
     trainer = Trainer(geometry, config, checkpoint=checkpoint, device=args.device, portable_checkpoint=args.portable)
@@ -337,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--C21-max", type=float, default=500.0, help="largest axial coma (Å)")
     c.add_argument("--C23-max", type=float, default=500.0, help="largest threefold astigmatism (Å)")
     p.add_argument("--init-from", default=None, help="start from this model's weights (file or shipped name)")
+    p.add_argument("--l1-stage", type=float, default=None, metavar="FRACTION",
+                   help="fraction of the run trained first with the paper's L1 on phases 0.1-1.5 rad "
+                        "(default: 0.5 from scratch with the relative loss, else 0)")
     p.add_argument("--val-size", type=int, default=512)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=500)

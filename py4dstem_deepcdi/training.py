@@ -32,6 +32,7 @@ from .simulation import StreamConfig, TrainingStream, conditioning_mask
 
 CHECKPOINT_FORMAT = "py4dstem-deepcdi-checkpoint"
 VALIDATION_WORKER = 10_000  # the validation set is drawn by a worker id no training run uses
+L1_STAGE_PHASES = (0.1, 1.5)  # rad, peak-to-valley phases (uniform) of the first stage (TrainConfig.l1_stage)
 
 
 RELATIVE_FLOOR = 0.01  # rad: the relative loss divides by max(mean |target|, this)
@@ -99,6 +100,12 @@ class TrainConfig:
     init_from
         Start from the weights of this model (file path or shipped name), e.g. a probe-conditioned network from a
         fixed-probe one of the same width and depth (its extra input weights start at zero).
+    l1_stage
+        Fraction of the run (of its steps or of its ``max_minutes``, whichever runs out first, as the learning rate)
+        trained first with the paper's loss on the paper's phases (masked L1 in rad, peak-to-valley phases drawn
+        uniformly in ``L1_STAGE_PHASES`` rad) before ``loss`` and ``stream`` take over. None (default): 0.5 for a
+        run from scratch with the relative loss (which alone stays on its starting plateau, docs/training.md),
+        0 otherwise (a fine-tune, or the L1 already).
     """
 
     steps: int = 20_000
@@ -117,6 +124,7 @@ class TrainConfig:
     seed: int = 0
     stream: StreamConfig = field(default_factory=StreamConfig)
     init_from: str | None = None
+    l1_stage: float | None = None
 
     def __post_init__(self):
         if isinstance(self.stream, dict):
@@ -130,6 +138,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.lr_final > 0):
             raise ValueError("lr and lr_final must be positive")
+        if self.l1_stage is not None and not 0 <= self.l1_stage < 1:
+            raise ValueError(f"l1_stage must be a fraction in [0, 1), got {self.l1_stage}")
+
+    def resolved(self) -> TrainConfig:
+        """These settings with ``l1_stage`` decided (see the parameter)."""
+        if self.l1_stage is not None:
+            return self
+        from_scratch = self.loss == "relative" and not self.init_from
+        return dataclasses.replace(self, l1_stage=0.5 if from_scratch else 0.0)
 
     @classmethod
     def paper(cls, **changes) -> TrainConfig:
@@ -141,6 +158,17 @@ class TrainConfig:
         """JSON-able settings."""
         return dataclasses.asdict(self)
 
+    def progress(self, step: int, elapsed: float = 0.0) -> float:
+        """Fraction of the run done at ``step`` after ``elapsed`` s: of the steps or of the budget, whichever is more."""
+        t = step / max(self.steps - 1, 1)
+        if self.max_minutes:
+            t = max(t, elapsed / (60 * self.max_minutes))
+        return min(t, 1.0)
+
+    def in_l1_stage(self, step: int, elapsed: float = 0.0) -> bool:
+        """Whether ``step`` belongs to the first stage trained with the paper's L1 (``l1_stage``)."""
+        return bool(self.l1_stage) and self.progress(step, elapsed) < self.l1_stage
+
     def learning_rate(self, step: int, elapsed: float = 0.0) -> float:
         """Learning rate at ``step`` (cosine decay for Adam, constant for SGD).
 
@@ -149,10 +177,7 @@ class TrainConfig:
         """
         if self.optimizer == "sgd":
             return self.lr
-        t = step / max(self.steps - 1, 1)
-        if self.max_minutes:
-            t = max(t, elapsed / (60 * self.max_minutes))
-        t = min(t, 1.0)
+        t = self.progress(step, elapsed)
         return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * t))
 
 
@@ -209,20 +234,26 @@ class Trainer:
     ):
         self.geometry = geometry
         self.portable_checkpoint = bool(portable_checkpoint)
-        self.config = config or TrainConfig()
         self.device = torch_device(device)
         self.checkpoint = Path(checkpoint) if checkpoint else None
+        resuming = self.checkpoint is not None and self.checkpoint.exists()
+        config = config or TrainConfig()
+        if config.l1_stage is None and resuming:  # the run's own choice, whatever init_from says now
+            saved = json.loads(_read_checkpoint(self.checkpoint)["config"]).get("l1_stage")
+            config = dataclasses.replace(config, l1_stage=saved or 0.0)  # 0: written before the option existed
+        self.config = config.resolved()
         torch.manual_seed(self.config.seed)
         self.stream = TrainingStream(geometry, self.config.stream, seed=self.config.seed, device=str(self.device))
+        self.l1_stream = None
+        if self.config.l1_stage:
+            first = dataclasses.replace(self.config.stream, phase_max_range=L1_STAGE_PHASES, phase_max_sampling="uniform")
+            self.l1_stream = TrainingStream(geometry, first, seed=self.config.seed, device=str(self.device))
         self.network = ResUNet(self.config.width, self.config.depth, self.config.dropout, self.stream.in_channels)
-        resuming = self.checkpoint is not None and self.checkpoint.exists()
-        if self.config.loss == "relative" and not self.config.init_from and not resuming:
+        if self.config.loss == "relative" and not self.config.init_from and not self.config.l1_stage and not resuming:
             warnings.warn(
-                "training from scratch with the relative loss: measured to stay on its starting plateau far longer "
-                "than the paper's L1 (validation correlation 0.01 vs 0.55 after 64,000 samples, docs/training.md); "
-                "train a first stage with loss='l1', phase_max_range=(0.1, 1.5), "
-                "phase_max_sampling='uniform' (deepcdi train --loss l1 --phase-max 0.1 1.5 --phase-max-sampling "
-                "uniform), then fine-tune it with the defaults (--init-from)",
+                "training from scratch with the relative loss alone (l1_stage=0): measured to stay on its starting "
+                "plateau far longer than the paper's L1 (validation correlation 0.01 vs 0.55 after 64,000 samples, "
+                "docs/training.md); leave l1_stage at its default (deepcdi train --l1-stage) or start from a model",
                 stacklevel=2,
             )
         if self.config.init_from and not resuming:  # a resumed run takes its weights from the checkpoint
@@ -340,6 +371,7 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         payload = _read_checkpoint(self.checkpoint)
         saved = json.loads(json.dumps(TrainConfig(**json.loads(payload["config"])).to_dict()))  # newer defaults filled
+        saved["l1_stage"] = saved["l1_stage"] or 0.0  # written before the option: no first stage
         mine = json.loads(json.dumps(self.config.to_dict()))
         # the budget and the schedule's length may change between runs; everything else must match
         different = [k for k in mine if k not in ("max_minutes", "steps", "init_from") and saved.get(k) != mine[k]]
@@ -380,10 +412,11 @@ class Trainer:
         while self.step < last_step:
             for group in self.optimizer.param_groups:
                 group["lr"] = config.learning_rate(self.step, self.elapsed)
-            x, y = self.stream.batch(self.step)
+            first = config.in_l1_stage(self.step, self.elapsed)
+            x, y = (self.l1_stream if first else self.stream).batch(self.step)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
                 prediction = self.network(x.contiguous(memory_format=torch.channels_last))
-            loss = masked_l1(prediction.float(), y, self.loss_mask(x), relative=config.loss == "relative")
+            loss = masked_l1(prediction.float(), y, self.loss_mask(x), relative=config.loss == "relative" and not first)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.detach().item()} at step {self.step}; lower the learning rate")
             self.optimizer.zero_grad(set_to_none=True)
@@ -402,6 +435,7 @@ class Trainer:
                     "minutes": self.elapsed / 60,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "train_l1": running / max(seen, 1),
+                    "loss": "l1" if first else config.loss,  # the training loss of these steps
                     **self.validate(),
                 }
                 self.history.append(record)
@@ -438,6 +472,7 @@ class Trainer:
                 "val_corr": last["val_corr"],
                 "val_l1_zero": last["val_l1_zero"],
                 "loss": self.config.loss,
+                "l1_stage": self.config.l1_stage,
                 "bf16": self._use_bf16,
             },
         }
@@ -465,23 +500,26 @@ def _lineage(source: str) -> dict[str, Any]:
 def plot_history(history: list[dict[str, float]], path: str | Path | None = None, loss: str = "l1"):
     """Loss-history figure: training loss and validation masked L1 (rad), and validation correlation, vs samples.
 
-    ``loss`` is the training loss (:class:`TrainConfig`): with ``"relative"`` the training curve has no unit and gets
-    its own (right-hand) axis; the validation L1 is in rad either way."""
+    ``loss`` is the training loss (:class:`TrainConfig`) of records that do not name theirs: the relative loss has no
+    unit and gets its own (right-hand) axis, the L1 (in rad, as the validation L1) the left one; a run with an
+    ``l1_stage`` has both."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     samples = [h["samples"] for h in history]
-    relative = loss == "relative"
-    train_axis = ax1.twinx() if relative else ax1
-    train_axis.semilogy(samples, [h["train_l1"] for h in history], color="C0",
-                        label="training (relative L1)" if relative else "training")
+    kinds = [h.get("loss", loss) for h in history]
+    relative_axis = ax1.twinx() if "relative" in kinds else None
+    for kind, axis, label in (("l1", ax1, "training"), ("relative", relative_axis, "training (relative L1)")):
+        points = [(n, h["train_l1"]) for n, h, k in zip(samples, history, kinds) if k == kind]
+        if points:
+            axis.semilogy(*zip(*points), color="C0" if kind == "l1" else "C2", label=label)
     ax1.semilogy(samples, [h["val_l1"] for h in history], color="C1", label="validation")
     if history:
         ax1.axhline(history[-1]["val_l1_zero"], color="grey", ls=":", label="predict zero")
     ax1.set_xlabel("samples")
     ax1.set_ylabel("masked L1 (rad)")
-    if relative:
-        train_axis.set_ylabel("training relative L1")
+    if relative_axis is not None:
+        relative_axis.set_ylabel("training relative L1")
         fig.legend(loc="upper right", bbox_to_anchor=(0.45, 0.88))
     else:
         ax1.legend()

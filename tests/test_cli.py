@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from py4dstem_deepcdi.cli import main
-from py4dstem_deepcdi.models import DeepCDIModel
+from py4dstem_deepcdi.models import DeepCDIModel, load_model
 from py4dstem_deepcdi.network import ResUNet
 from py4dstem_deepcdi.reconstruction import read_reconstruction
 
@@ -121,3 +122,15 @@ def test_vacuum_probe_on_another_detector_is_resampled(tmp_path, geometry):
     args = build_parser().parse_args(["train", "--output", str(tmp_path / "m.pt"), "--vacuum-probe", str(path)])
     with pytest.raises(ValueError, match="--vacuum-sampling"):
         geometry_from_args(args)
+
+
+def test_train_takes_the_l1_stage(tmp_path):
+    """`--l1-stage` reaches the run (stored in the model's training record); by default a run from scratch gets 0.5."""
+    tiny = ["--width", "0.125", "--depth", "2", "--batch-size", "4", "--val-size", "8", "--steps", "4", "--val-every",
+            "1", "--fp32", "--quiet", "--threads", "1"]
+    for stage, expected in ((["--l1-stage", "0.3"], 0.3), ([], 0.5)):
+        out = tmp_path / f"m{expected}.pt"
+        assert main(["train", "--output", str(out), *tiny, *stage]) == 0
+        assert load_model(out).metadata["training"]["l1_stage"] == expected
+    history = json.loads((tmp_path / "m0.5.history.json").read_text())
+    assert [h["loss"] for h in history] == ["l1", "l1", "relative", "relative"]

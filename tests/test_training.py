@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -154,15 +155,56 @@ def test_checkpoint_mismatch_and_corruption(tmp_path, geometry):
         Trainer(geometry, small_config(), checkpoint=tmp_path / "bad.ckpt")
 
 
-def test_from_scratch_relative_loss_warns(geometry):
-    """The relative loss stalls from scratch (measured): the trainer says so and names the first-stage recipe."""
+def test_l1_stage_defaults_and_warning(geometry):
+    """The relative loss stalls from scratch (measured): a run from scratch first trains with the paper's L1; a
+    fine-tune or an L1 run does not; turning the stage off from scratch warns."""
     import warnings
 
-    with pytest.warns(UserWarning, match="--loss l1 --phase-max 0.1 1.5"):
-        Trainer(geometry, small_config())
+    assert TrainConfig().resolved().l1_stage == 0.5
+    assert TrainConfig(init_from="hbn-300kv-17mrad").resolved().l1_stage == 0.0
+    assert TrainConfig(loss="l1").resolved().l1_stage == 0.0
+    assert TrainConfig(l1_stage=0.2).resolved().l1_stage == 0.2
+    with pytest.raises(ValueError, match="l1_stage"):
+        TrainConfig(l1_stage=1.0)
+    with pytest.warns(UserWarning, match="starting plateau"):
+        Trainer(geometry, small_config(l1_stage=0.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        Trainer(geometry, small_config())
         Trainer(geometry, small_config(loss="l1"))
+
+
+@pytest.mark.parametrize("l1_stage", [0.5, 0.0])
+def test_l1_stage_trains_the_paper_loss_on_the_paper_phases(geometry, l1_stage):
+    """The first step's recorded loss is the L1 in rad on the uniform 0.1-1.5 rad stream during the stage, the
+    relative loss on the run's own stream after it; the records say which."""
+    config = small_config(steps=4, val_every=1, dropout=0.0, l1_stage=l1_stage)
+    reference = Trainer(geometry, config)  # same seed, same initial weights
+    trainer = Trainer(geometry, config)
+    history = trainer.train(progress=False)
+    first = l1_stage > 0
+    assert [h["loss"] for h in history] == (["l1", "l1", "relative", "relative"] if first else ["relative"] * 4)
+    assert (trainer.l1_stream is not None) == first
+    if first:
+        assert trainer.l1_stream.config.phase_max_range == training.L1_STAGE_PHASES
+        assert trainer.l1_stream.config.phase_max_sampling == "uniform"
+    x, y = (reference.l1_stream if first else reference.stream).batch(0)
+    with torch.no_grad():
+        expected = masked_l1(reference.network(x), y, reference.mask, relative=not first)
+    assert history[0]["train_l1"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_l1_stage_survives_resume(tmp_path, geometry):
+    """A resumed run keeps its own stage, whatever ``init_from`` says now; checkpoints from before the option: none."""
+    Trainer(geometry, small_config(steps=2), checkpoint=tmp_path / "c.ckpt").train(progress=False)
+    resumed = Trainer(geometry, small_config(steps=4, init_from="elsewhere.pt"), checkpoint=tmp_path / "c.ckpt")
+    assert resumed.config.l1_stage == 0.5 and resumed.step == 2
+    payload = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    config = json.loads(payload["config"])
+    del config["l1_stage"]
+    payload["config"] = json.dumps(config)
+    torch.save(payload, tmp_path / "old.ckpt")
+    assert Trainer(geometry, small_config(), checkpoint=tmp_path / "old.ckpt").config.l1_stage == 0.0
 
 
 def test_checkpoint_carries_the_vacuum_pattern(tmp_path, geometry):
