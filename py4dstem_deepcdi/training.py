@@ -192,6 +192,14 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings as JSON with newer defaults filled; a run written before ``l1_stage`` existed had no
+    first stage (0)."""
+    saved = json.loads(json.dumps(TrainConfig(**json.loads(payload["config"])).to_dict()))
+    saved["l1_stage"] = saved["l1_stage"] or 0.0
+    return saved
+
+
 def checkpoint_geometry(payload: dict[str, Any]) -> ProbeGeometry:
     """The geometry a checkpoint was trained for, with its vacuum pattern if it had one."""
     saved = json.loads(payload["geometry"])
@@ -237,10 +245,10 @@ class Trainer:
         self.device = torch_device(device)
         self.checkpoint = Path(checkpoint) if checkpoint else None
         resuming = self.checkpoint is not None and self.checkpoint.exists()
+        payload = _read_checkpoint(self.checkpoint) if resuming else None
         config = config or TrainConfig()
         if config.l1_stage is None and resuming:  # the run's own choice, whatever init_from says now
-            saved = json.loads(_read_checkpoint(self.checkpoint)["config"]).get("l1_stage")
-            config = dataclasses.replace(config, l1_stage=saved or 0.0)  # 0: written before the option existed
+            config = dataclasses.replace(config, l1_stage=_saved_config(payload)["l1_stage"])
         self.config = config.resolved()
         torch.manual_seed(self.config.seed)
         self.stream = TrainingStream(geometry, self.config.stream, seed=self.config.seed, device=str(self.device))
@@ -269,7 +277,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self._validation: tuple[torch.Tensor, torch.Tensor] | None = None
         if resuming:
-            self._load_checkpoint()
+            self._load_checkpoint(payload)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "cpu", **changes: Any) -> Trainer:
@@ -368,10 +376,8 @@ class Trainer:
             torch.save(payload, tmp)
         return path
 
-    def _load_checkpoint(self) -> None:
-        payload = _read_checkpoint(self.checkpoint)
-        saved = json.loads(json.dumps(TrainConfig(**json.loads(payload["config"])).to_dict()))  # newer defaults filled
-        saved["l1_stage"] = saved["l1_stage"] or 0.0  # written before the option: no first stage
+    def _load_checkpoint(self, payload: dict[str, Any]) -> None:
+        saved = _saved_config(payload)
         mine = json.loads(json.dumps(self.config.to_dict()))
         # the budget and the schedule's length may change between runs; everything else must match
         different = [k for k in mine if k not in ("max_minutes", "steps", "init_from") and saved.get(k) != mine[k]]
