@@ -210,17 +210,12 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symm
 STITCHING_VARIANTS = {
     "offsets (default)": {},
     "offsets, ramp anchored to the centres of mass": {"anchor_ramp": True},
-    "offsets + tilts": {"tilt": True},
-    "probe-weighted average": {"weights": "probe"},
     "no disk centring": {"centre": False},
     "stitch the disk of 70% of |P|²": {"stitch_fraction": 0.7},
     "stitch the disk of 60% of |P|²": {"stitch_fraction": 0.6},
     "stitch the disk of 50% of |P|²": {"stitch_fraction": 0.5},
     "stitch the disk of 40% of |P|²": {"stitch_fraction": 0.4},
-    "probe-weighted, 50% disk": {"weights": "probe", "stitch_fraction": 0.5},
-    "tilts, 50% disk": {"tilt": True, "stitch_fraction": 0.5},
     "anchored ramp, 50% disk": {"anchor_ramp": True, "stitch_fraction": 0.5},
-    "anchored ramp, probe-weighted": {"anchor_ramp": True, "weights": "probe"},
     "anchored ramp, no disk centring": {"anchor_ramp": True, "centre": False},
 }
 

@@ -46,9 +46,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scan", type=int, default=40)
     parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--tilt", action="store_true", help="stitch with per-patch tilts")
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0], help="draws of the random object")
-    parser.add_argument("--weights", choices=("mask", "probe"), default="mask", help="patch averaging weights")
     parser.add_argument("--symmetrize", action="store_true", help="average patches over the probe's symmetries")
     parser.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
     parser.add_argument("--anchor-ramp", action="store_true", help="anchor the ramp to the patterns' centres of mass")
@@ -69,7 +67,7 @@ def main() -> None:
         recon = DeepCDIReconstruction(
             ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=ds.rotation_deg, transpose=False,
             verbose=False, **g.aberrations, **options,
-        ).preprocess().reconstruct(precision=args.precision, tilt=args.tilt, weights=args.weights, symmetrize=args.symmetrize,
+        ).preprocess().reconstruct(precision=args.precision, symmetrize=args.symmetrize,
                       stitch_fraction=args.stitch_fraction, anchor_ramp=args.anchor_ramp)
         elapsed = time.perf_counter() - start
         plain = score_reconstruction(recon, ds)

@@ -21,7 +21,8 @@ import torch
 
 from py4dstem_deepcdi import simulation
 from py4dstem_deepcdi.probe import ProbeGeometry
-from py4dstem_deepcdi.simulation import ForwardModel, StreamConfig, TrainingStream, _poisson, network_input
+from py4dstem_deepcdi.encoding import network_input
+from py4dstem_deepcdi.simulation import ForwardModel, StreamConfig, TrainingStream, _poisson
 
 
 def timings(fn, repeats: int) -> list[float]:

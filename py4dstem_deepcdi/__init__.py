@@ -3,7 +3,7 @@
 Importing the package registers ``DataCube.reconstruct_deepcdi`` on py4DSTEM's DataCube.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .models import DeepCDIModel, list_pretrained, load_model, load_pretrained
 from .network import ResUNet

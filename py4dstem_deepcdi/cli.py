@@ -230,8 +230,8 @@ def _probe_file(path: Path) -> dict:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     recon = _reconstruction_from_args(args, probe=_probe_file(args.probe) if args.probe else None)
     recon.preprocess().reconstruct(
-        precision=args.precision, stitching=args.stitching, tilt=args.tilt, symmetrize=args.symmetrize,
-        weights=args.weights, stitch_fraction=args.stitch_fraction, anchor_ramp=args.anchor_ramp,
+        precision=args.precision, stitching=args.stitching, symmetrize=args.symmetrize,
+        stitch_fraction=args.stitch_fraction, anchor_ramp=args.anchor_ramp,
     )
     recon.save(args.output, overwrite=args.overwrite)
     if args.png:
@@ -373,9 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="EMD file for the phase image (.h5)")
     p.add_argument("--probe", type=Path, default=None, help="JSON file of `recover-probe` whose aberrations to use")
     p.add_argument("--stitching", choices=("lsq", "relaxation"), default="lsq")
-    p.add_argument("--tilt", action="store_true", help="also solve per-patch phase tilts when stitching")
     p.add_argument("--symmetrize", action="store_true", help="average each patch over the probe's symmetries (slower, more accurate)")
-    p.add_argument("--weights", choices=("mask", "probe"), default="mask", help="average overlapping patches plainly or by |P|²")
     p.add_argument("--stitch-fraction", type=float, default=None,
                    help="stitch only the disk of each patch holding this fraction of the probe's intensity (default: the model's mask)")
     p.add_argument("--anchor-ramp", action="store_true",

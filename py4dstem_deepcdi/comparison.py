@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .backend import asnumpy
+from .planes import remove_plane
 
 #: normalised ePIE error (py4DSTEM's: squared amplitude error over the mean pattern intensity) above which the
 #: reconstruction has diverged: a sane one stays below ~1 (4 is the bound for any pair of equal-norm amplitudes)
@@ -231,7 +232,7 @@ def run_epie(
 
     from .preprocessing import datacube_array, detector_sampling, real_space_step  # noqa: PLC0415
     from .probe import vacuum_pattern  # noqa: PLC0415
-    from .simulation import scan_positions  # noqa: PLC0415
+    from .scan import scan_positions  # noqa: PLC0415
 
     if on_divergence not in ("raise", "warn"):
         raise ValueError(f"on_divergence must be 'raise' or 'warn', got {on_divergence!r}")
@@ -451,12 +452,7 @@ def _jsonable(value) -> bool:
 def remove_background(image: np.ndarray, ramp: bool = False) -> np.ndarray:
     """``image`` minus its mean (``ramp=False``) or minus its least-squares plane ``a + b·i + c·j`` (rad)."""
     image = np.asarray(image, dtype=np.float64)
-    if not ramp:
-        return image - image.mean()
-    i, j = np.meshgrid(np.arange(image.shape[0]), np.arange(image.shape[1]), indexing="ij")
-    design = np.stack([np.ones(image.size), i.ravel(), j.ravel()], -1)
-    coefficients, *_ = np.linalg.lstsq(design, image.ravel(), rcond=None)
-    return image - (design @ coefficients).reshape(image.shape)
+    return remove_plane(image) if ramp else image - image.mean()
 
 
 def phase_correlation(a: np.ndarray, b: np.ndarray) -> float:

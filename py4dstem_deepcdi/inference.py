@@ -1,6 +1,6 @@
 """Fast inference: a folded, eval-only copy of the network and batched, memory-bounded prediction.
 
-Units: the network input is the normalised diffraction amplitude of :func:`~py4dstem_deepcdi.simulation.network_input`
+Units: the network input is the normalised diffraction amplitude of :func:`~py4dstem_deepcdi.encoding.network_input`
 (``sqrt(counts / electrons × N_pixels)``, dimensionless, ≥ 0); the output is the object phase of each patch (rad),
 zero outside the model's illuminated mask and with zero mean inside it (the zero frequency is unrecoverable and is
 set by stitching).
@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .backend import torch_device
-from .simulation import probe_channels
+from .encoding import probe_channels, remove_mask_mean
 
 PRECISIONS = ("bf16", "fp32")
 _CACHE_ATTRIBUTE = "_deepcdi_prepared_networks"
@@ -395,7 +395,6 @@ class _Runner:
         if mask.sum() == 0:
             raise ValueError("the illuminated mask is empty; lower mask_threshold")
         self.mask = mask
-        self.mask_count = mask.sum()
         self.bar = None
         if progress:
             from tqdm.auto import tqdm  # noqa: PLC0415
@@ -432,8 +431,7 @@ class _Runner:
                         inputs = torch.cat([inputs, self.condition.expand(len(batch), -1, -1, -1)], 1)
                     phase = phase + apply_symmetry(self.net(inputs)[: stop - start, 0], t, inverse=True)
                 phase = phase / len(self.symmetries)
-                mean = (phase * self.mask).sum((-2, -1), keepdim=True) / self.mask_count
-                phase = (phase - mean) * self.mask
+                phase = remove_mask_mean(phase, self.mask)
             out[start:stop] = phase.cpu().numpy()
             if self.bar is not None:
                 self.bar.update(stop - start)
@@ -461,7 +459,7 @@ def predict(
         (precision, device, compile) and refolded automatically when its weights change.
     amplitudes
         (J, N, N) floating-point network input (numpy or torch): normalised amplitudes
-        ``sqrt(counts / electrons × N_pixels)`` from :func:`~py4dstem_deepcdi.simulation.network_input`, ≥ 0 and
+        ``sqrt(counts / electrons × N_pixels)`` from :func:`~py4dstem_deepcdi.encoding.network_input`, ≥ 0 and
         finite, (N, N) = ``model.geometry.detector_shape``.
     batch_size
         Patterns per forward pass; bounds the memory (activations ≈ 0.5 MB per pattern for the paper network).

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
+from .backend import torch_device
 from .io import atomic_path
 from .network import ResUNet
 from .probe import AberrationRanges, ProbeGeometry
@@ -25,12 +27,6 @@ from .probe import AberrationRanges, ProbeGeometry
 MODEL_FORMAT = "py4dstem-deepcdi-model"
 MODEL_FORMAT_VERSION = 1
 PRETRAINED_PACKAGE = "py4dstem_deepcdi.pretrained"
-
-
-def _package_version() -> str:
-    from . import __version__  # noqa: PLC0415
-
-    return __version__
 
 
 @dataclass
@@ -57,7 +53,7 @@ class DeepCDIModel:
         metadata = dict(self.metadata)
         metadata["geometry"] = self.geometry.to_dict()
         metadata["network"] = self.network.config()
-        metadata.setdefault("version", _package_version())
+        metadata.setdefault("version", __version__)
         metadata.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         payload: dict[str, Any] = {
             "format": MODEL_FORMAT,
@@ -121,7 +117,6 @@ class DeepCDIModel:
 
 def load_model(path: str | Path, device: str = "cpu") -> DeepCDIModel:
     """Load a model file safely (``weights_only=True``); clear ``ValueError`` for a corrupt or foreign file."""
-    from .backend import torch_device  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_file():

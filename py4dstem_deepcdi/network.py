@@ -47,7 +47,7 @@ class ResUNet(nn.Module):
     """Residual U-Net mapping a (B, C, N, N) input to a (B, 1, N, N) phase patch (rad).
 
     The input is the diffraction amplitude (C = 1) or, for a probe-conditioned network, the amplitude and the
-    candidate probe's real and imaginary parts (C = 3, see :func:`~py4dstem_deepcdi.simulation.probe_channels`).
+    candidate probe's real and imaginary parts (C = 3, see :func:`~py4dstem_deepcdi.encoding.probe_channels`).
 
     Parameters
     ----------

@@ -8,7 +8,7 @@ Never modifies the user's datacube: every step reads from it and writes new arra
    that object-induced deflections (the signal) are kept and only the instrument's shift is removed.
 3. Resampling: each pattern is integrated over the model's detector pixels (area-weighted, counts conserved),
    centred on the fitted disk centre with sub-pixel precision: any angular sampling ≥ the data's range works.
-4. Normalisation: ``simulation.network_input`` with the mean electrons per pattern of the dataset.
+4. Normalisation: ``encoding.network_input`` with the mean electrons per pattern of the dataset.
 5. Positions: the raster scan × step, rotated/transposed like py4DSTEM (rotation from the user or estimated with
    py4DSTEM's centre-of-mass (DPC) method), optionally every n-th position.
 """
@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from .probe import ProbeGeometry
-from .simulation import network_input, scan_positions
+from .encoding import network_input
+from .planes import fit_plane
+from .scan import scan_positions
 
 _LENGTH_UNITS = {"A": 1.0, "Å": 1.0, "nm": 10.0, "pm": 0.01}
 
@@ -123,10 +125,7 @@ def fit_disk_centres(data: np.ndarray, chunk_rows: int = 16) -> np.ndarray:
     com = np.empty((rx, ry, 2))
     for start in range(0, rx, chunk_rows):
         com[start : start + chunk_rows] = centres_of_mass(data[start : start + chunk_rows])
-    x, y = np.meshgrid(np.arange(rx), np.arange(ry), indexing="ij")
-    design = np.stack([np.ones(rx * ry), x.ravel(), y.ravel()], -1)
-    coefficients, *_ = np.linalg.lstsq(design, com.reshape(-1, 2), rcond=None)
-    return (design @ coefficients).reshape(rx, ry, 2)
+    return fit_plane(com)
 
 
 def _overlap_weights(centres: torch.Tensor, n: int, q: int, ratio: float) -> torch.Tensor:

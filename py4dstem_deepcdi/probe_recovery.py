@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from .backend import torch_device
 from .inference import _prepared_for
 from .probe import CARTESIAN_NAMES, AberrationRanges, ProbeGeometry, from_cartesian, to_cartesian
-from .simulation import probe_channels
+from .encoding import probe_channels, remove_mask_mean
 
 #: A pair counts only where the bilinearly shifted mask of its partner is whole (all four neighbours inside).
 _WHOLE = 0.999
@@ -252,9 +252,7 @@ class OverlapLoss:
             k = torch.arange(start, stop, device=self.device)
             x = torch.cat([self.amplitudes[k % m, None], channels[k // m]], 1)
             flat_out[start:stop] = self.net(x)[:, 0]
-        count = masks.sum((-2, -1))[:, None, None, None]
-        mean = (out * masks[:, None]).sum((-2, -1), keepdim=True) / count
-        return (out - mean) * masks[:, None], masks
+        return remove_mask_mean(out, masks[:, None]), masks
 
     @torch.inference_mode()
     def __call__(self, vectors: np.ndarray) -> np.ndarray:

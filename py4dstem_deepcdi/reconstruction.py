@@ -131,7 +131,6 @@ class DeepCDIReconstruction:
         self.object_phase: np.ndarray | None = None
         self.coverage: np.ndarray | None = None
         self.offsets: np.ndarray | None = None
-        self.tilts: np.ndarray | None = None
         self.stitch_info: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
 
@@ -140,6 +139,12 @@ class DeepCDIReconstruction:
     def sampling(self) -> tuple[float, float]:
         """Pixel size of the reconstructed phase image (Å)."""
         return self.model.geometry.sampling
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The preprocessing options in force (``scan_step``, ``angular_sampling``, ``rotation_deg``, ``transpose``,
+        ``subsample``, ``centre``): a copy; change them with :meth:`preprocess`."""
+        return dict(self._options)
 
     @property
     def positions(self) -> np.ndarray:
@@ -230,9 +235,7 @@ class DeepCDIReconstruction:
         batch_size: int = 1024,
         precision: str = "bf16",
         stitching: str = "lsq",
-        tilt: bool = False,
         min_overlap: float = 0.25,
-        weights: str = "mask",
         progress: bool | None = None,
         symmetrize: bool = False,
         stitch_fraction: float | None = None,
@@ -248,12 +251,8 @@ class DeepCDIReconstruction:
             ``"bf16"`` or ``"fp32"`` network arithmetic.
         stitching
             ``"lsq"`` (exact least squares of the paper's Eq. 2) or ``"relaxation"`` (the paper's iteration).
-        tilt
-            Also solve a per-patch phase gradient (fights drift ramps).
         min_overlap
             Pairs of patches count as neighbours when their masks overlap by this fraction of the mask area.
-        weights
-            ``"mask"`` (plain average of overlapping patches) or ``"probe"`` (weighted by the probe intensity).
         progress
             Progress bar (default: ``verbose``).
         symmetrize
@@ -274,8 +273,6 @@ class DeepCDIReconstruction:
         """
         if self.data is None:
             self.preprocess()
-        if weights not in ("mask", "probe"):
-            raise ValueError(f"weights must be 'mask' or 'probe', got {weights!r}")
         geometry = self.probe_geometry
         mask = geometry.mask
         if stitch_fraction is not None:
@@ -291,11 +288,7 @@ class DeepCDIReconstruction:
         self.timings["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
         positions_px = self.data.positions / np.array(self.sampling)
-        pixel_weights = np.abs(geometry.probe) ** 2 if weights == "probe" else None
-        result = stitch(
-            self.patches, positions_px, mask, method=stitching, tilt=tilt, min_overlap=min_overlap,
-            weights=pixel_weights, device=self.device,
-        )
+        result = stitch(self.patches, positions_px, mask, method=stitching, min_overlap=min_overlap, device=self.device)
         self.timings["stitching_s"] = time.perf_counter() - start
         self.object_phase = asnumpy(result.image)
         ramp_removed = None
@@ -306,14 +299,11 @@ class DeepCDIReconstruction:
             ramp_removed = [float(v) for v in removed / np.array(self.sampling)]
         self.coverage = asnumpy(result.coverage)
         self.offsets = asnumpy(result.offsets)
-        self.tilts = None if result.tilts is None else asnumpy(result.tilts)
         self._origin_px = np.asarray(result.origin_px)
         solution = result.solution
         self.stitch_info = {
             "method": stitching,
-            "tilt": tilt,
             "symmetrize": bool(symmetrize),
-            "weights": weights,
             "stitch_fraction": stitch_fraction,
             "anchor_ramp": bool(anchor_ramp),
             "ramp_removed_rad_per_A": ramp_removed,
@@ -370,8 +360,6 @@ class DeepCDIReconstruction:
             "offsets_rad": self.offsets,
             "coverage": self.coverage,
         }
-        if self.tilts is not None:
-            arrays["tilts_rad_per_px"] = self.tilts
         if include_patches:
             arrays["patches_rad"] = self.patches
         return save_result(path, np.nan_to_num(self.object_phase, nan=0.0), self.metadata(), arrays, overwrite=overwrite)

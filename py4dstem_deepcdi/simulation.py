@@ -29,46 +29,12 @@ import torch
 
 from .backend import torch_device
 from .images import LatticeSource, default_source
+from .encoding import conditioning_mask, network_input, probe_channels, remove_mask_mean
 from .probe import AberrationRanges, ProbeGeometry, from_cartesian
+from .scan import electrons_per_pattern, scan_positions
 
 
 EDGE_STEPS = 17  # aperture-edge widths tabulated across StreamConfig.edge_width_range
-
-
-def electrons_per_pattern(dose: float, scan_step: float | tuple[float, float]) -> float:
-    """Electrons per diffraction pattern from a dose (e⁻/Å²) and the scan step (Å, scalar or (x, y))."""
-    step_x, step_y = (scan_step, scan_step) if np.isscalar(scan_step) else scan_step
-    for name, value in (("dose", dose), ("scan_step", step_x), ("scan_step", step_y)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(dose * step_x * step_y)
-
-
-def network_input(counts: torch.Tensor, electrons: torch.Tensor | float) -> torch.Tensor:
-    """Normalised amplitude fed to the network: ``sqrt(counts / electrons × N_pixels)`` (per pattern).
-
-    ``electrons`` is the expected number of electrons per pattern (scalar or shape (B,)). With this scaling the
-    input does not depend on the dose except through its noise.
-    """
-    n_pixels = counts.shape[-1] * counts.shape[-2]
-    electrons = torch.as_tensor(electrons, dtype=counts.dtype, device=counts.device).reshape(-1, 1, 1)
-    return counts.clamp_min(0).mul_(n_pixels / electrons).sqrt_()
-
-
-def probe_channels(probe: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The conditioning channels of a probe-conditioned network: (..., 2, N, N) float32 ``[Re P, Im P] / max|P|``.
-
-    ``probe`` is the complex real-space probe (..., N, N), centred like :attr:`ProbeGeometry.probe`.
-    """
-    probe = torch.as_tensor(probe)
-    peak = probe.abs().flatten(-2).amax(-1)[..., None, None].clamp_min(1e-30)
-    scaled = probe / peak
-    return torch.stack([scaled.real, scaled.imag], -3).float()
-
-
-def conditioning_mask(inputs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Illuminated masks (B, 1, N, N) bool of a probe-conditioned batch (B, 3, N, N): ``|P|²/max|P|² > threshold``."""
-    return (inputs[:, 1:2].square() + inputs[:, 2:3].square()) > threshold
 
 
 class ForwardModel:
@@ -140,13 +106,7 @@ class ForwardModel:
         return self._target(phase)
 
     def _target(self, phase: torch.Tensor, out: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is None:
-            mask = self.mask.to(phase.dtype)
-            mean = (phase.flatten(-2) @ mask.flatten()) / mask.sum()
-        else:  # one mask per pattern (B, N, N)
-            mask = mask.to(phase.dtype)
-            mean = (phase * mask).sum((-2, -1)) / mask.sum((-2, -1))
-        return torch.mul(phase - mean[..., None, None], mask, out=out)
+        return remove_mask_mean(phase, self.mask if mask is None else mask, out=out)
 
 
 @dataclass
@@ -349,8 +309,7 @@ class TrainingStream:
             pick = torch.randint(len(self._edge_probes), (n,), generator=generator, device=device)
             probes = self._edge_probes.index_select(0, pick)
         counts = _poisson(self.model.intensity(phase, probes=probes).mul_(electrons[:, None, None]), generator)
-        n_pixels = geometry.detector_shape[0] * geometry.detector_shape[1]
-        torch.sqrt(counts.mul_((n_pixels / electrons)[:, None, None]), out=x[:, 0])  # network_input
+        network_input(counts, electrons, out=x[:, 0])
         self.model._target(phase, out=y, mask=mask)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -528,30 +487,6 @@ def lattice_object(
     source = LatticeSource(amorphous_fraction=0.0, **lattice_kwargs)
     image = source.sample(1, tuple(shape), (sampling, sampling), generator)[0]
     return (image.numpy() * phase_max).astype(np.float32)
-
-
-def scan_positions(
-    scan_shape: tuple[int, int],
-    scan_step: float | tuple[float, float],
-    rotation_deg: float = 0.0,
-    transpose: bool = False,
-) -> np.ndarray:
-    """Raster-scan probe positions (Rx*Ry, 2) in Å in the detector's frame.
-
-    The scan grid is rotated by ``rotation_deg`` about its centre and optionally transposed, with the same
-    convention (and the same code, py4DSTEM's ``AffineTransform``) as py4DSTEM's ptychography uses for
-    ``force_com_rotation`` and ``force_com_transpose``.
-    """
-    from py4DSTEM.process.phase.utils import AffineTransform  # noqa: PLC0415
-
-    step_x, step_y = (scan_step, scan_step) if np.isscalar(scan_step) else scan_step
-    x, y = np.meshgrid(np.arange(scan_shape[0]) * step_x, np.arange(scan_shape[1]) * step_y, indexing="ij")
-    positions = np.stack([x.ravel(), y.ravel()], -1).astype(np.float64)
-    if rotation_deg:
-        positions = np.asarray(AffineTransform(angle=np.deg2rad(rotation_deg))(positions, positions.mean(0)), np.float64)
-    if transpose:
-        positions = np.flip(positions, 1)
-    return positions
 
 
 @dataclass

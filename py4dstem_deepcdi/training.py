@@ -28,7 +28,8 @@ from .io import atomic_path
 from .models import DeepCDIModel
 from .network import ResUNet, count_parameters, load_widened
 from .probe import ProbeGeometry
-from .simulation import StreamConfig, TrainingStream, conditioning_mask
+from .encoding import conditioning_mask
+from .simulation import StreamConfig, TrainingStream
 
 CHECKPOINT_FORMAT = "py4dstem-deepcdi-checkpoint"
 VALIDATION_WORKER = 10_000  # the validation set is drawn by a worker id no training run uses

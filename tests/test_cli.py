@@ -55,7 +55,7 @@ def test_simulate_reconstruct_info(tmp_path, model_file, capsys):
     core = tmp_path / "core.h5"
     assert main(["reconstruct", str(data), "--output", str(core), "--energy", "300e3", "--semiangle", "17.1",
                  "--C10", "-100", "--model", str(model_file), "--rotation", "0", "--no-transpose", "--quiet",
-                 "--precision", "fp32", "--stitch-fraction", "0.5", "--weights", "probe", "--anchor-ramp"]) == 0
+                 "--precision", "fp32", "--stitch-fraction", "0.5", "--anchor-ramp"]) == 0
     stitching = read_reconstruction(core)["metadata"]["stitching"]
     assert stitching["stitch_fraction"] == 0.5
     assert stitching["anchor_ramp"] and len(stitching["ramp_removed_rad_per_A"]) == 2

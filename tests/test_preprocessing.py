@@ -5,7 +5,8 @@ import torch
 
 from py4dstem_deepcdi.preprocessing import fit_disk_centres, preprocess, resample_patterns, resample_vacuum
 from py4dstem_deepcdi.probe import ProbeGeometry
-from py4dstem_deepcdi.simulation import network_input, simulate_dataset
+from py4dstem_deepcdi.encoding import network_input
+from py4dstem_deepcdi.simulation import simulate_dataset
 
 
 @pytest.fixture(scope="module")

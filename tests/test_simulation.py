@@ -2,14 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+from py4dstem_deepcdi.encoding import conditioning_mask, probe_channels
 from py4dstem_deepcdi.simulation import (
     ForwardModel,
     StreamConfig,
     TrainingStream,
-    electrons_per_pattern,
-    network_input,
     read_training_set,
-    scan_positions,
     simulate_dataset,
     write_training_set,
 )
@@ -98,14 +96,6 @@ def test_poisson_mean_and_variance(geometry):
     assert float(totals.mean()) == pytest.approx(1e4, rel=0.01)
 
 
-def test_network_input_is_dose_independent(model):
-    intensity = model.intensity(random_phase(2))
-    a = network_input(intensity * 1e5, 1e5)
-    b = network_input(intensity * 1e3, 1e3)
-    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
-    assert float((a**2).sum((-2, -1)).mean()) == pytest.approx(1024, rel=1e-5)
-
-
 def test_target_is_masked_and_zero_mean(model):
     target = model.target(random_phase(4))
     mask = model.mask
@@ -181,28 +171,11 @@ def test_training_set_hdf5_round_trip(tmp_path, geometry):
     assert list(tmp_path.iterdir()) == [path]  # no temporary files left
 
 
-def test_electrons_per_pattern_and_bad_doses():
-    assert electrons_per_pattern(1.6e6, 0.25) == pytest.approx(1e5)
-    assert electrons_per_pattern(1e6, (0.2, 0.5)) == pytest.approx(1e5)
-    for bad in (0, -1, float("nan")):
-        with pytest.raises(ValueError, match="dose"):
-            electrons_per_pattern(bad, 0.25)
-    with pytest.raises(ValueError, match="scan_step"):
-        electrons_per_pattern(1e6, 0)
+def test_stream_config_rejects_bad_ranges():
     with pytest.raises(ValueError, match="electrons_range"):
         StreamConfig(electrons_range=(1e5, 1e3))
     with pytest.raises(ValueError, match="phase_max_range"):
         StreamConfig(phase_max_range=(-1, 1))
-
-
-def test_scan_positions_rotation():
-    p = scan_positions((3, 4), 0.5)
-    assert p.shape == (12, 2)
-    np.testing.assert_allclose(p[1] - p[0], [0, 0.5])
-    r = scan_positions((3, 4), 0.5, rotation_deg=90)  # py4DSTEM's convention: row vectors times R(θ)
-    np.testing.assert_allclose(r[1] - r[0], [0.5, 0], atol=1e-6)
-    t = scan_positions((3, 4), 0.5, transpose=True)
-    np.testing.assert_allclose(t[1] - t[0], [0.5, 0])
 
 
 def test_simulated_dataset_calibration_and_counts(geometry):
@@ -356,7 +329,6 @@ def test_stream_objects_come_from_a_shared_bank(geometry):
 def test_per_pattern_probes_and_masks(model, geometry):
     """Given the geometry's own probe per pattern, the forward model and the target are those of the fixed probe;
     another probe's patterns still sum to 1 (Parseval)."""
-    from py4dstem_deepcdi.simulation import conditioning_mask, probe_channels
 
     phase = random_phase(3)
     probes = torch.as_tensor(np.stack([geometry.probe] * 3), dtype=torch.complex64)
@@ -379,7 +351,6 @@ def test_per_pattern_probes_and_masks(model, geometry):
 def test_probe_conditioned_stream(geometry):
     """Every sample of a conditioned stream is simulated with the probe shown in its channels, within the ranges."""
     from py4dstem_deepcdi.probe import AberrationRanges
-    from py4dstem_deepcdi.simulation import conditioning_mask, probe_channels
 
     ranges = AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
     config = StreamConfig(batch_size=6, aberration_ranges=ranges, electrons_range=(1e12, 1e12))

@@ -1,0 +1,43 @@
+"""Scan geometry: raster probe positions in the detector's frame and electrons per pattern.
+
+    positions = R(rotation) · [i·step_x, j·step_y] about the scan's centre, then (x, y) swapped if transposed
+    electrons per pattern = dose (e⁻/Å²) × step_x × step_y (Å²)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from py4DSTEM.process.phase.utils import AffineTransform
+
+
+def electrons_per_pattern(dose: float, scan_step: float | tuple[float, float]) -> float:
+    """Electrons per diffraction pattern from a dose (e⁻/Å²) and the scan step (Å, scalar or (x, y))."""
+    step_x, step_y = (scan_step, scan_step) if np.isscalar(scan_step) else scan_step
+    for name, value in (("dose", dose), ("scan_step", step_x), ("scan_step", step_y)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(dose * step_x * step_y)
+
+
+def scan_positions(
+    scan_shape: tuple[int, int],
+    scan_step: float | tuple[float, float],
+    rotation_deg: float = 0.0,
+    transpose: bool = False,
+) -> np.ndarray:
+    """Raster-scan probe positions (Rx*Ry, 2) in Å in the detector's frame.
+
+    The scan grid is rotated by ``rotation_deg`` about its centre and optionally transposed, with the same
+    convention (and the same code, py4DSTEM's ``AffineTransform``) as py4DSTEM's ptychography uses for
+    ``force_com_rotation`` and ``force_com_transpose``.
+    """
+    step_x, step_y = (scan_step, scan_step) if np.isscalar(scan_step) else scan_step
+    x, y = np.meshgrid(np.arange(scan_shape[0]) * step_x, np.arange(scan_shape[1]) * step_y, indexing="ij")
+    positions = np.stack([x.ravel(), y.ravel()], -1).astype(np.float64)
+    if rotation_deg:
+        positions = np.asarray(AffineTransform(angle=np.deg2rad(rotation_deg))(positions, positions.mean(0)), np.float64)
+    if transpose:
+        positions = np.flip(positions, 1)
+    return positions

@@ -1,0 +1,24 @@
+import numpy as np
+import pytest
+
+from py4dstem_deepcdi.scan import electrons_per_pattern, scan_positions
+
+
+def test_electrons_per_pattern_and_bad_doses():
+    assert electrons_per_pattern(1.6e6, 0.25) == pytest.approx(1e5)
+    assert electrons_per_pattern(1e6, (0.2, 0.5)) == pytest.approx(1e5)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="dose"):
+            electrons_per_pattern(bad, 0.25)
+    with pytest.raises(ValueError, match="scan_step"):
+        electrons_per_pattern(1e6, 0)
+
+
+def test_scan_positions_rotation():
+    p = scan_positions((3, 4), 0.5)
+    assert p.shape == (12, 2)
+    np.testing.assert_allclose(p[1] - p[0], [0, 0.5])
+    r = scan_positions((3, 4), 0.5, rotation_deg=90)  # py4DSTEM's convention: row vectors times R(θ)
+    np.testing.assert_allclose(r[1] - r[0], [0.5, 0], atol=1e-6)
+    t = scan_positions((3, 4), 0.5, transpose=True)
+    np.testing.assert_allclose(t[1] - t[0], [0.5, 0])
