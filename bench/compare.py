@@ -28,9 +28,37 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def limit_threads(argv: list[str]) -> None:
+    """Set the BLAS/OpenMP thread limits from ``--threads`` (default 2); they count only before numpy and torch
+    are imported, so this runs before the imports below when the file is run as a script."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--threads", type=int, default=2)
+    threads = parser.parse_known_args(argv)[0].threads
+    for variable in THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
+
+
+if __name__ == "__main__":
+    limit_threads(sys.argv[1:])
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import py4DSTEM
+import torch
+
+from py4dstem_deepcdi import DeepCDIModel, DeepCDIReconstruction, ResUNet, load_pretrained, simulate_dataset
+from py4dstem_deepcdi import load_model as load_file
+from py4dstem_deepcdi.comparison import compare_with_epie, run_epie
+from py4dstem_deepcdi.probe import ProbeGeometry
 
 MARK_START = "<!-- bench/compare.py: start -->"
 MARK_END = "<!-- bench/compare.py: end -->"
@@ -74,10 +102,6 @@ def machine_description(threads: int) -> str:
                     break
     except OSError:
         pass
-    import numpy as np  # noqa: PLC0415
-    import py4DSTEM  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
     return (
         f"{cpu}, {os.cpu_count()} logical CPUs, {threads} thread(s) used; Python {platform.python_version()}, "
         f"torch {torch.__version__}, numpy {np.__version__}, py4DSTEM {py4DSTEM.__version__}"
@@ -85,9 +109,8 @@ def machine_description(threads: int) -> str:
 
 
 def load_model(name: str | None):
-    from py4dstem_deepcdi import DeepCDIModel, ResUNet, load_model as load_file, load_pretrained  # noqa: PLC0415
-    from py4dstem_deepcdi.probe import ProbeGeometry  # noqa: PLC0415
-
+    """The model to benchmark and its label: 'untrained' (a tiny random network), a model file, a shipped name, or
+    (None) runs/hbn-300kv-17mrad.pt if it exists, else the shipped default."""
     if name == "untrained":
         geometry = ProbeGeometry(300e3, 17.1, angular_sampling=2.0, aberrations={"C10": -100.0}, mask_threshold=0.1)
         network = ResUNet(width=0.125, depth=2).eval()
@@ -106,19 +129,9 @@ def _fmt_res(value: float, sampling: float) -> str:
     return f"{value:.2f}" if math.isfinite(value) else f"≤{2 * sampling:.2f}"
 
 
-def run(args: argparse.Namespace) -> str:
-    import warnings  # noqa: PLC0415
-
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
-    torch.set_num_threads(args.threads)
-    from py4dstem_deepcdi import DeepCDIReconstruction, simulate_dataset  # noqa: PLC0415
-    from py4dstem_deepcdi.comparison import compare_with_epie, run_epie  # noqa: PLC0415
-
-    model, model_label = load_model(args.model)
-    geometry = model.geometry
-    lines = [
+def _header(args: argparse.Namespace, model_label: str, geometry) -> list[str]:
+    """The section's first lines: title, machine, model, data and method settings, the table header."""
+    return [
         MARK_START,
         "## Deep CDI vs ePIE (py4DSTEM) on simulated scans",
         "",
@@ -139,6 +152,14 @@ def run(args: argparse.Namespace) -> str:
         "| FRC deep vs ePIE 0.5 / 0.143 (Å) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+
+def run(args: argparse.Namespace) -> str:
+    """Benchmark every scan size of ``args``; returns the markdown section (between the markers)."""
+    torch.set_num_threads(args.threads)
+    model, model_label = load_model(args.model)
+    geometry = model.geometry
+    lines = _header(args, model_label, geometry)
     notes = []
     print("\n".join(lines[1:]), flush=True)
     for n in args.sizes:
@@ -186,11 +207,7 @@ def run(args: argparse.Namespace) -> str:
             f"common field of view {c.deep_phase.shape[0]}×{c.deep_phase.shape[1]} px"
         )
         if args.figures is not None:
-            import matplotlib  # noqa: PLC0415
-
             matplotlib.use("Agg")
-            import matplotlib.pyplot as plt  # noqa: PLC0415
-
             args.figures.mkdir(parents=True, exist_ok=True)
             plt.close(c.visualize(path=args.figures / f"compare_{n}x{n}.png"))
         del recon, ds, epie, c
@@ -219,8 +236,6 @@ def write_section(path: Path, section: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[variable] = str(args.threads)  # before numpy/torch are imported
     section = run(args)
     if args.out is not None:
         write_section(args.out, section)

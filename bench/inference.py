@@ -31,11 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from py4dstem_deepcdi.inference import bf16_supported, predict, prepare_network  # noqa: E402
+from py4dstem_deepcdi.inference import predict  # noqa: E402
 from py4dstem_deepcdi.models import DeepCDIModel, load_model  # noqa: E402
 from py4dstem_deepcdi.network import ResUNet, count_parameters  # noqa: E402
 from py4dstem_deepcdi.probe import ProbeGeometry  # noqa: E402
-from py4dstem_deepcdi.simulation import StreamConfig, TrainingStream  # noqa: E402
+from py4dstem_deepcdi.runtime import bf16_supported, prepare_network  # noqa: E402
+from py4dstem_deepcdi.stream import StreamConfig, TrainingStream  # noqa: E402
 from py4dstem_deepcdi.training import VALIDATION_WORKER, checkpoint_geometry, masked_l1  # noqa: E402
 
 
@@ -69,9 +70,8 @@ def machine_summary() -> str:
 def load_note() -> str:
     one, five, _ = os.getloadavg()
     busy = one > 0.5 or five > 0.5
-    return f"load average {one:.2f} (1 min) {five:.2f} (5 min)" + (
-        " -- OTHER PROCESSES ARE RUNNING: absolute numbers are contaminated, compare rows with each other" if busy else ""
-    )
+    warning = " -- OTHER PROCESSES ARE RUNNING: absolute numbers are contaminated, compare rows with each other"
+    return f"load average {one:.2f} (1 min) {five:.2f} (5 min)" + (warning if busy else "")
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -196,14 +196,18 @@ def model_from_checkpoint(path: Path) -> DeepCDIModel:
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--widths", type=float, nargs="*", default=[1.0, 0.5], help="network widths (1.0 = paper)")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="torch.set_num_threads values to run")
     parser.add_argument("--patterns", type=int, default=1024, help="patterns per timed round (at least one batch)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration (interleaved)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile"
+    )
     parser.add_argument(
         "--compile-mode",
         default="max-autotune-no-cudagraphs",
@@ -277,7 +281,8 @@ def main(argv=None) -> int:
     results["accuracy"] = {"source": source, **accuracy}
     print(f"\nbf16 vs fp32 on {accuracy['patterns']} validation patterns, {source}:")
     print(
-        f"  |Δphase| inside the mask: max {accuracy['max_abs_dphase']:.2e} rad, mean {accuracy['mean_abs_dphase']:.2e} rad "
+        f"  |Δphase| inside the mask: max {accuracy['max_abs_dphase']:.2e} rad, "
+        f"mean {accuracy['mean_abs_dphase']:.2e} rad "
         f"(RMS phase {accuracy['rms_phase_fp32']:.3f} rad); masked L1 to the truth: fp32 {accuracy['l1_fp32']:.4f}, "
         f"bf16 {accuracy['l1_bf16']:.4f}, predicting zero {accuracy['l1_zero']:.4f} rad"
     )

@@ -8,11 +8,11 @@ this package's one:
     python bench/multislice.py score --data runs/multislice --threads 2         # table of deep CDI vs ePIE
     python bench/multislice.py ramps --model hbn-300kv-17mrad                   # stitching options vs the ramp
     python bench/multislice.py vacuum --dataset hbn_monolayer                   # its vacuum pattern, to fine-tune with
-    python bench/multislice.py resimulate --datasets srtio3_8A --epie-iters 20  # the truth through this package's physics
+    python bench/multislice.py resimulate --datasets srtio3_8A --epie-iters 20  # abTEM's truth, this package's physics
 
 Datasets (300 keV, 17.1 mrad, C10 = −100 Å as the shipped model, sharp aperture as in abTEM, 0.25 Å steps, 1.6·10⁶
-e⁻/Å², Poisson noise): a monolayer of hexagonal BN, a monolayer of 2H-MoS2 and [001] SrTiO3 of 39 Å (10 unit cells) and of
-7.8 Å (2 unit cells) thickness (``make --datasets NAME...`` makes some of them). Each
+e⁻/Å², Poisson noise): a monolayer of hexagonal BN, a monolayer of 2H-MoS2 and [001] SrTiO3 of 39 Å (10 unit cells)
+and of 7.8 Å (2 unit cells) thickness (``make --datasets NAME...`` makes some of them). Each
 file holds the counts (Rx, Ry, Qx, Qy), the calibrations, abTEM's vacuum diffraction pattern on the same detector, and
 the ground-truth phase σ·V_projected (rad) band-limited to the ptychographic information limit 2α/λ, on a 0.05 Å grid,
 with the scan positions in that grid's frame.
@@ -54,7 +54,11 @@ def _structures():
     sto, sto_thin = cell * (5, 5, 10), cell * (5, 5, 2)
     for slab in (sto, sto_thin):
         slab.center(vacuum=2.0, axis=2)
-    mos2 = abtem.orthogonalize_cell(mx2("MoS2", kind="2H", a=3.19, thickness=3.19, vacuum=2.0)) * (6, 4, 1)  # 19.1 × 22.1 Å
+    mos2 = abtem.orthogonalize_cell(mx2("MoS2", kind="2H", a=3.19, thickness=3.19, vacuum=2.0)) * (
+        6,
+        4,
+        1,
+    )  # 19.1 × 22.1 Å
     mos2.center(vacuum=2.0, axis=2)
     return {"hbn_monolayer": hbn, "srtio3_39A": sto, "mos2_monolayer": mos2, "srtio3_8A": sto_thin}
 
@@ -69,8 +73,12 @@ def _square_pixels(intensity: np.ndarray, vacuum: np.ndarray, angular: np.ndarra
     centre = np.array(shape) // 2
     new_shape = tuple(int(n) for n in np.floor((np.array(shape) - 1) * angular / pixel) // 2 * 2 + 1)
     new_centre = np.array(new_shape) // 2
-    grid = np.stack(np.meshgrid(*[(np.arange(n) - c) * pixel / a + c0 for n, c, a, c0 in
-                                  zip(new_shape, new_centre, angular, centre)], indexing="ij"))
+    grid = np.stack(
+        np.meshgrid(
+            *[(np.arange(n) - c) * pixel / a + c0 for n, c, a, c0 in zip(new_shape, new_centre, angular, centre)],
+            indexing="ij",
+        )
+    )
 
     def resample(pattern):
         out = map_coordinates(pattern, grid, order=1, mode="constant")
@@ -92,8 +100,9 @@ def make(out: Path, seed: int, datasets: list[str] | None = None) -> None:
         if datasets and name not in datasets:
             continue
         t0 = time.perf_counter()
-        potential = abtem.Potential(atoms, sampling=0.05, slice_thickness=1.0, parametrization="lobato",
-                                    projection="infinite")
+        potential = abtem.Potential(
+            atoms, sampling=0.05, slice_thickness=1.0, parametrization="lobato", projection="infinite"
+        )
         probe = abtem.Probe(energy=ENERGY, semiangle_cutoff=SEMIANGLE, C10=C10)
         probe.grid.match(potential)
         extent = np.asarray(potential.extent)
@@ -121,13 +130,26 @@ def make(out: Path, seed: int, datasets: list[str] | None = None) -> None:
         x, y = np.meshgrid(start[0] + STEP * np.arange(SCAN), start[1] + STEP * np.arange(SCAN), indexing="ij")
         positions = np.stack([x.ravel(), y.ravel()], -1)
         np.savez_compressed(
-            out / f"{name}.npz", counts=counts, angular_sampling_mrad=pixel, scan_step_A=STEP, energy_eV=ENERGY,
-            semiangle_mrad=SEMIANGLE, C10_A=C10, dose=DOSE, vacuum=vacuum, truth_phase=phase_bl.astype(np.float32),
-            truth_sampling_A=sampling, truth_positions_A=positions, thickness_A=float(atoms.cell[2, 2]),
+            out / f"{name}.npz",
+            counts=counts,
+            angular_sampling_mrad=pixel,
+            scan_step_A=STEP,
+            energy_eV=ENERGY,
+            semiangle_mrad=SEMIANGLE,
+            C10_A=C10,
+            dose=DOSE,
+            vacuum=vacuum,
+            truth_phase=phase_bl.astype(np.float32),
+            truth_sampling_A=sampling,
+            truth_positions_A=positions,
+            thickness_A=float(atoms.cell[2, 2]),
             abtem_version=abtem.__version__,
         )
-        print(f"{name}: {counts.shape} patterns of {pixel:.4g} mrad, truth phase {phase.min():.3f}..{phase.max():.3f} rad, "
-              f"{time.perf_counter() - t0:.0f} s")
+        print(
+            f"{name}: {counts.shape} patterns of {pixel:.4g} mrad, truth phase "
+            f"{phase.min():.3f}..{phase.max():.3f} rad, "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
 
 
 # ============================================================================================ score (this package)
@@ -153,18 +175,43 @@ def _load(path: Path):
 def _deep_cdi(dc, f, model: str, centre: bool = True, **reconstruct):
     from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
 
-    return DeepCDIReconstruction(
-        dc, float(f["energy_eV"]), float(f["semiangle_mrad"]), model=model, C10=float(f["C10_A"]),
-        rotation_deg=0.0, transpose=False, verbose=False, vacuum_probe_intensity=f["vacuum"],
-    ).preprocess(centre=centre).reconstruct(progress=False, **reconstruct)
+    return (
+        DeepCDIReconstruction(
+            dc,
+            float(f["energy_eV"]),
+            float(f["semiangle_mrad"]),
+            model=model,
+            C10=float(f["C10_A"]),
+            rotation_deg=0.0,
+            transpose=False,
+            verbose=False,
+            vacuum_probe_intensity=f["vacuum"],
+        )
+        .preprocess(centre=centre)
+        .reconstruct(progress=False, **reconstruct)
+    )
 
 
-def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symmetrize: bool = False,
-          epie: bool = True, stitch_fraction: float | None = None, datasets: list[str] | None = None,
-          anchor_ramp: bool = False) -> None:
+def score(
+    data: Path,
+    model: str,
+    epie_iters: int,
+    threads: int,
+    out: Path,
+    symmetrize: bool = False,
+    epie: bool = True,
+    stitch_fraction: float | None = None,
+    datasets: list[str] | None = None,
+    anchor_ramp: bool = False,
+) -> None:
     import torch
 
-    from py4dstem_deepcdi.comparison import compare_with_epie, remove_background, score_against_truth, score_reconstruction
+    from py4dstem_deepcdi.comparison import (
+        compare_with_epie,
+        remove_background,
+        score_against_truth,
+        score_reconstruction,
+    )
 
     torch.set_num_threads(threads)
     rows = []
@@ -173,19 +220,30 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symm
         t0 = time.perf_counter()
         recon = _deep_cdi(dc, f, model, symmetrize=symmetrize, stitch_fraction=stitch_fraction, anchor_ramp=anchor_ramp)
         deep_s = time.perf_counter() - t0
-        row = {"dataset": path.stem, "thickness_A": float(f["thickness_A"]), "patterns": int(np.prod(f["counts"].shape[:2]))}
+        row = {
+            "dataset": path.stem,
+            "thickness_A": float(f["thickness_A"]),
+            "patterns": int(np.prod(f["counts"].shape[:2])),
+        }
         if not epie:  # deep CDI alone, with the same scores
             for ramp in (False, True):
                 s = score_reconstruction(recon, truth, remove_ramp=ramp)
                 row["deep_cdi_corr_ramp_removed" if ramp else "deep_cdi_corr"] = round(s["correlation"], 4)
                 if not ramp:
                     row["deep_cdi_rms_rad"], row["deep_cdi_scale"] = round(s["rms_rad"], 4), round(s["phase_scale"], 3)
+        epie_result = None  # one ePIE run, scored with and without ramp removal
         for ramp in (False, True) if epie else ():
             comparison = compare_with_epie(
-                recon, num_iter=epie_iters, remove_ramp=ramp, ground_truth=truth, adf=False, progress=False,
+                recon,
+                num_iter=epie_iters,
+                remove_ramp=ramp,
+                ground_truth=truth,
+                adf=False,
+                progress=False,
                 epie_kwargs={"vacuum_probe_intensity": f["vacuum"]},
-                **({"epie": comparison.epie} if ramp else {}),
+                epie=epie_result,
             )
+            epie_result = comparison.epie
             suffix = "_ramp_removed" if ramp else ""
             for method in ("deep_cdi", "epie"):
                 s = comparison.vs_truth[method]
@@ -194,7 +252,9 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symm
                     row[f"{method}_rms_rad"] = round(s["rms_rad"], 4)
                     row[f"{method}_scale"] = round(s["phase_scale"], 3)
                     image = comparison.deep_phase if method == "deep_cdi" else comparison.epie_phase
-                    twin = score_against_truth(image, remove_background(comparison.truth_phase[::-1, ::-1]), comparison.sampling)
+                    twin = score_against_truth(
+                        image, remove_background(comparison.truth_phase[::-1, ::-1]), comparison.sampling
+                    )
                     row[f"{method}_twin_corr"] = round(twin["correlation"], 4)
         row["deep_cdi_s"] = round(deep_s, 1)
         if epie:
@@ -203,8 +263,18 @@ def score(data: Path, model: str, epie_iters: int, threads: int, out: Path, symm
         rows.append(row)
         print(json.dumps(row))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model, "symmetrize": symmetrize, "stitch_fraction": stitch_fraction,
-                               "anchor_ramp": anchor_ramp, "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "model": model,
+                "symmetrize": symmetrize,
+                "stitch_fraction": stitch_fraction,
+                "anchor_ramp": anchor_ramp,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 STITCHING_VARIANTS = {
@@ -227,7 +297,10 @@ def ramps(data: Path, model: str, threads: int, datasets: list[str] | None) -> N
     from py4dstem_deepcdi.comparison import score_reconstruction
 
     torch.set_num_threads(threads)
-    print(f"model {model}\n| dataset | stitching | corr. | corr. (ramp removed) | RMS (rad) | scale | time (s) |\n|---|---|---|---|---|---|---|")
+    print(
+        f"model {model}\n| dataset | stitching | corr. | corr. (ramp removed) | RMS (rad) | scale | "
+        "time (s) |\n|---|---|---|---|---|---|---|"
+    )
     for path in _dataset_files(data, datasets):
         dc, truth, f = _load(path)
         for label, options in STITCHING_VARIANTS.items():
@@ -235,12 +308,22 @@ def ramps(data: Path, model: str, threads: int, datasets: list[str] | None) -> N
             recon = _deep_cdi(dc, f, model, **options)
             elapsed = time.perf_counter() - t0
             plain, flat = (score_reconstruction(recon, truth, remove_ramp=r) for r in (False, True))
-            print(f"| {path.stem} | {label} | {plain['correlation']:.3f} | {flat['correlation']:.3f} | "
-                  f"{plain['rms_rad']:.4f} | {plain['phase_scale']:.2f} | {elapsed:.1f} |", flush=True)
+            print(
+                f"| {path.stem} | {label} | {plain['correlation']:.3f} | {flat['correlation']:.3f} | "
+                f"{plain['rms_rad']:.4f} | {plain['phase_scale']:.2f} | {elapsed:.1f} |",
+                flush=True,
+            )
 
 
-def resimulate(data: Path, model: str, threads: int, datasets: list[str] | None, epie_iters: int,
-               phase_scales: list[float], **reconstruct) -> None:
+def resimulate(
+    data: Path,
+    model: str,
+    threads: int,
+    datasets: list[str] | None,
+    epie_iters: int,
+    phase_scales: list[float],
+    **reconstruct,
+) -> None:
     """The abTEM truth re-simulated with this package's forward model and the model's own probe (same scan, same
     electrons per pattern), reconstructed and scored: separates the network's error from the physics mismatch."""
     import torch
@@ -254,8 +337,11 @@ def resimulate(data: Path, model: str, threads: int, datasets: list[str] | None,
     torch.set_num_threads(threads)
     loaded = as_model(model)
     g = loaded.geometry
-    print(f"model {model}\n| dataset | phase × | deep CDI corr. (ramp removed) | RMS (rad) | scale | ePIE corr. (ramp removed) |"
-          "\n|---|---|---|---|---|---|")
+    print(
+        f"model {model}\n| dataset | phase × | deep CDI corr. (ramp removed) | RMS (rad) | scale | "
+        "ePIE corr. (ramp removed) |"
+        "\n|---|---|---|---|---|---|"
+    )
     for path in _dataset_files(data, datasets):
         f = np.load(path)
         truth, truth_sampling = f["truth_phase"].astype(np.float64), np.asarray(f["truth_sampling_A"], dtype=float)
@@ -264,21 +350,45 @@ def resimulate(data: Path, model: str, threads: int, datasets: list[str] | None,
         phase = map_coordinates(truth, grid, order=3, mode="grid-wrap")  # the cell is periodic
         electrons = float(f["counts"].sum((-2, -1)).mean())
         for scale in phase_scales:
-            ds = simulate_dataset(g, scan_shape=(SCAN, SCAN), scan_step=STEP, electrons=electrons, phase=phase * scale, seed=1)
-            recon = DeepCDIReconstruction(
-                ds.datacube, g.energy, g.semiangle_cutoff, model=loaded, rotation_deg=0.0, transpose=False,
-                verbose=False, vacuum_probe_intensity=g.vacuum_probe_intensity, **g.aberrations,
-            ).preprocess().reconstruct(progress=False, **reconstruct)
+            ds = simulate_dataset(
+                g, scan_shape=(SCAN, SCAN), scan_step=STEP, electrons=electrons, phase=phase * scale, seed=1
+            )
+            recon = (
+                DeepCDIReconstruction(
+                    ds.datacube,
+                    g.energy,
+                    g.semiangle_cutoff,
+                    model=loaded,
+                    rotation_deg=0.0,
+                    transpose=False,
+                    verbose=False,
+                    vacuum_probe_intensity=g.vacuum_probe_intensity,
+                    **g.aberrations,
+                )
+                .preprocess()
+                .reconstruct(progress=False, **reconstruct)
+            )
             plain, flat = (score_reconstruction(recon, ds, remove_ramp=r) for r in (False, True))
             epie = ""
             if epie_iters:  # one ePIE run, scored with and without ramp removal
-                plain_epie = compare_with_epie(recon, num_iter=epie_iters, ground_truth=ds, adf=False, progress=False,
-                                               epie_kwargs={"vacuum_probe_intensity": g.vacuum_probe_intensity})
-                flat_epie = compare_with_epie(recon, remove_ramp=True, ground_truth=ds, adf=False, progress=False,
-                                              epie=plain_epie.epie)
-                epie = f"{plain_epie.vs_truth['epie']['correlation']:.3f} ({flat_epie.vs_truth['epie']['correlation']:.3f})"
-            print(f"| {path.stem} | {scale:g} | {plain['correlation']:.3f} ({flat['correlation']:.3f}) | "
-                  f"{plain['rms_rad']:.4f} | {plain['phase_scale']:.2f} | {epie} |", flush=True)
+                plain_epie = compare_with_epie(
+                    recon,
+                    num_iter=epie_iters,
+                    ground_truth=ds,
+                    adf=False,
+                    progress=False,
+                    epie_kwargs={"vacuum_probe_intensity": g.vacuum_probe_intensity},
+                )
+                flat_epie = compare_with_epie(
+                    recon, remove_ramp=True, ground_truth=ds, adf=False, progress=False, epie=plain_epie.epie
+                )
+                plain_c, flat_c = (c.vs_truth["epie"]["correlation"] for c in (plain_epie, flat_epie))
+                epie = f"{plain_c:.3f} ({flat_c:.3f})"
+            print(
+                f"| {path.stem} | {scale:g} | {plain['correlation']:.3f} ({flat['correlation']:.3f}) | "
+                f"{plain['rms_rad']:.4f} | {plain['phase_scale']:.2f} | {epie} |",
+                flush=True,
+            )
 
 
 def vacuum(data: Path, dataset: str) -> None:
@@ -286,8 +396,10 @@ def vacuum(data: Path, dataset: str) -> None:
     f = np.load(data / f"{dataset}.npz")
     out = data / f"{dataset}_vacuum.npy"
     np.save(out, f["vacuum"])
-    print(f"{out}: {f['vacuum'].shape} pixels; train with --vacuum-probe {out} "
-          f"--vacuum-sampling {float(f['angular_sampling_mrad']):.6g}")
+    print(
+        f"{out}: {f['vacuum'].shape} pixels; train with --vacuum-probe {out} "
+        f"--vacuum-sampling {float(f['angular_sampling_mrad']):.6g}"
+    )
 
 
 def main() -> None:
@@ -307,7 +419,9 @@ def main() -> None:
     p.add_argument("--no-epie", action="store_true", help="score deep CDI alone")
     p.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
     p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all)")
-    p.add_argument("--anchor-ramp", action="store_true", help="anchor the deep-CDI ramp to the patterns' centres of mass")
+    p.add_argument(
+        "--anchor-ramp", action="store_true", help="anchor the deep-CDI ramp to the patterns' centres of mass"
+    )
     p = sub.add_parser("ramps", help="deep CDI with each stitching option (ramp study)")
     p.add_argument("--data", type=Path, default=Path("runs/multislice"))
     p.add_argument("--model", default="hbn-300kv-17mrad")
@@ -321,7 +435,9 @@ def main() -> None:
     p.add_argument("--epie-iters", type=int, default=0, help="also ePIE on the re-simulated data (0: not)")
     p.add_argument("--phase-scales", type=float, nargs="+", default=[1.0], help="multiply the truth by these")
     p.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
-    p.add_argument("--anchor-ramp", action="store_true", help="anchor the deep-CDI ramp to the patterns' centres of mass")
+    p.add_argument(
+        "--anchor-ramp", action="store_true", help="anchor the deep-CDI ramp to the patterns' centres of mass"
+    )
     p = sub.add_parser("vacuum", help="write a dataset's vacuum pattern for fine-tuning with --vacuum-probe")
     p.add_argument("--data", type=Path, default=Path("runs/multislice"))
     p.add_argument("--dataset", default="hbn_monolayer")
@@ -331,13 +447,31 @@ def main() -> None:
     elif args.command == "make":
         make(args.out, args.seed, args.datasets)
     elif args.command == "resimulate":
-        resimulate(args.data, args.model, args.threads, args.datasets, args.epie_iters, args.phase_scales,
-                   stitch_fraction=args.stitch_fraction, anchor_ramp=args.anchor_ramp)
+        resimulate(
+            args.data,
+            args.model,
+            args.threads,
+            args.datasets,
+            args.epie_iters,
+            args.phase_scales,
+            stitch_fraction=args.stitch_fraction,
+            anchor_ramp=args.anchor_ramp,
+        )
     elif args.command == "ramps":
         ramps(args.data, args.model, args.threads, args.datasets)
     else:
-        score(args.data, args.model, args.epie_iters, args.threads, args.out, args.symmetrize, not args.no_epie,
-              args.stitch_fraction, args.datasets, args.anchor_ramp)
+        score(
+            args.data,
+            args.model,
+            args.epie_iters,
+            args.threads,
+            args.out,
+            args.symmetrize,
+            not args.no_epie,
+            args.stitch_fraction,
+            args.datasets,
+            args.anchor_ramp,
+        )
 
 
 if __name__ == "__main__":

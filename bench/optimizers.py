@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from py4dstem_deepcdi.probe import ProbeGeometry
-from py4dstem_deepcdi.simulation import StreamConfig
+from py4dstem_deepcdi.stream import StreamConfig
 from py4dstem_deepcdi.training import TrainConfig, Trainer
 
 

@@ -1,4 +1,5 @@
-"""Probe recovery on simulated data with known, random aberrations: deep CDI's search vs py4DSTEM's ePIE probe refinement.
+"""Probe recovery on simulated data with known, random aberrations: deep CDI's search vs py4DSTEM's ePIE probe
+refinement.
 
 For each seed: draw true aberrations inside the probe-conditioned model's ranges, simulate a scan over a lattice with
 that probe, start from the model's reference probe (the "wrong initial probe": defocus known roughly, no other
@@ -106,11 +107,11 @@ def main() -> None:
 
     fixed = as_model(args.fixed_model)
     ds = simulate_dataset(fixed.geometry, scan_shape=(args.scan, args.scan), scan_step=args.step, seed=99)
-    same_probe = {
-        "probe": rounded(fixed.geometry.aberrations),
-        "corr_fixed_model": round(score_reconstruction(reconstruct(ds, fixed, fixed.geometry.aberrations), ds)["correlation"], 4),
-        "corr_conditioned_model": round(score_reconstruction(reconstruct(ds, model, fixed.geometry.aberrations), ds)["correlation"], 4),
-    }
+    scores = {}
+    for key, with_model in (("corr_fixed_model", fixed), ("corr_conditioned_model", model)):
+        recon = reconstruct(ds, with_model, fixed.geometry.aberrations)
+        scores[key] = round(score_reconstruction(recon, ds)["correlation"], 4)
+    same_probe = {"probe": rounded(fixed.geometry.aberrations), **scores}
     print(json.dumps(same_probe))
     summary = {
         "model": model.metadata.get("name"),

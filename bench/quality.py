@@ -33,11 +33,19 @@ def cases(scan: int, pixel: float, random_seeds=(0,)):
     yield f"lattice, step {pixel:.4f} Å (1 px)", dict(scan_shape=(scan, scan), scan_step=pixel, dose=dose), {}
     yield "lattice, rotated 17°", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose, rotation_deg=17.0), {}
     for n in (2, 3, 4):
-        yield f"lattice, every {n}th position", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose), {"subsample": n}
+        yield (
+            f"lattice, every {n}th position",
+            dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose),
+            {"subsample": n},
+        )
     yield "lattice, dose ÷10", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose / 10), {}
     yield "lattice, dose ×10", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose * 10), {}
     for seed in random_seeds:
-        yield f"random object {seed}, step 0.25 Å", dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose, phase=("random", seed)), {}
+        yield (
+            f"random object {seed}, step 0.25 Å",
+            dict(scan_shape=(scan, scan), scan_step=0.25, dose=dose, phase=("random", seed)),
+            {},
+        )
 
 
 def main() -> None:
@@ -48,14 +56,16 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0], help="draws of the random object")
     parser.add_argument("--symmetrize", action="store_true", help="average patches over the probe's symmetries")
-    parser.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
+    parser.add_argument(
+        "--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²"
+    )
     parser.add_argument("--anchor-ramp", action="store_true", help="anchor the ramp to the patterns' centres of mass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = as_model(args.model)
     g = model.geometry
     print(f"model {model!r}")
-    print(f"| case | patterns | corr | corr (ramp removed) | RMS (rad) | phase scale | FRC 0.143 (Å) | time (s) |")
+    print("| case | patterns | corr | corr (ramp removed) | RMS (rad) | phase scale | FRC 0.143 (Å) | time (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for label, sim, options in cases(args.scan, g.sampling[0], args.random_seeds):
         if "phase" in sim:
@@ -64,17 +74,33 @@ def main() -> None:
             sim["phase"] = random_object((extent, extent), seed=sim["phase"][1])
         ds = simulate_dataset(g, seed=1, **sim)
         start = time.perf_counter()
-        recon = DeepCDIReconstruction(
-            ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=ds.rotation_deg, transpose=False,
-            verbose=False, **g.aberrations, **options,
-        ).preprocess().reconstruct(precision=args.precision, symmetrize=args.symmetrize,
-                      stitch_fraction=args.stitch_fraction, anchor_ramp=args.anchor_ramp)
+        recon = (
+            DeepCDIReconstruction(
+                ds.datacube,
+                g.energy,
+                g.semiangle_cutoff,
+                model=model,
+                rotation_deg=ds.rotation_deg,
+                transpose=False,
+                verbose=False,
+                **g.aberrations,
+                **options,
+            )
+            .preprocess()
+            .reconstruct(
+                precision=args.precision,
+                symmetrize=args.symmetrize,
+                stitch_fraction=args.stitch_fraction,
+                anchor_ramp=args.anchor_ramp,
+            )
+        )
         elapsed = time.perf_counter() - start
         plain = score_reconstruction(recon, ds)
         ramp = score_reconstruction(recon, ds, remove_ramp=True)
         print(
             f"| {label} | {len(recon.patches)} | {plain['correlation']:.3f} | {ramp['correlation']:.3f} | "
-            f"{plain['rms_rad']:.3f} | {plain['phase_scale']:.2f} | {plain['resolution_A']['0.143']:.2f} | {elapsed:.1f} |"
+            f"{plain['rms_rad']:.3f} | {plain['phase_scale']:.2f} | "
+            f"{plain['resolution_A']['0.143']:.2f} | {elapsed:.1f} |"
         )
 
 

@@ -19,10 +19,12 @@ import time
 
 import torch
 
-from py4dstem_deepcdi import simulation
-from py4dstem_deepcdi.probe import ProbeGeometry
+from py4dstem_deepcdi import stream as stream_module
 from py4dstem_deepcdi.encoding import network_input
-from py4dstem_deepcdi.simulation import ForwardModel, StreamConfig, TrainingStream, _poisson
+from py4dstem_deepcdi.poisson import poisson
+from py4dstem_deepcdi.probe import ProbeGeometry
+from py4dstem_deepcdi.simulation import ForwardModel
+from py4dstem_deepcdi.stream import StreamConfig, TrainingStream
 
 
 def timings(fn, repeats: int) -> list[float]:
@@ -52,17 +54,18 @@ def stages(geometry: ProbeGeometry, n: int, repeats: int) -> None:
     phase = images * 1.0
     electrons = torch.exp(math.log(2e4) + math.log(50) * torch.rand(n, generator=generator))
     rate = model.intensity(phase) * electrons[:, None, None]
-    counts = _poisson(rate, generator)
+    counts = poisson(rate, generator)
     share = {name: round(n * weight / total) for name, weight in weights.items()}
+    batch_numbers = iter(range(10**9))
     rows = [
         (f"photos ({share['photos']})", lambda: photos.sample(share["photos"], shape, sampling, generator)),
         (f"lattice ({share['lattice']})", lambda: lattice.sample(share["lattice"], shape, sampling, generator)),
         (f"noise ({share['noise']})", lambda: noise.sample(share["noise"], shape, sampling, generator)),
         ("forward model intensity", lambda: model.intensity(phase)),
-        ("Poisson counts", lambda: _poisson(rate, generator)),
+        ("Poisson counts", lambda: poisson(rate, generator)),
         ("network input", lambda: network_input(counts, electrons)),
         ("target", lambda: model.target(phase)),
-        ("batch (stream, with bank)", lambda c=iter(range(10**9)): stream.batch(next(c))),
+        ("batch (stream, with bank)", lambda c=batch_numbers: stream.batch(next(c))),
     ]  # fmt: skip
     print(f"\n{'stage, ' + str(n) + ' patterns':<28}{'ms':>12}")
     for label, fn in rows:
@@ -85,7 +88,7 @@ def main() -> None:
     print(f"{machine}, torch {torch.__version__}, {args.threads} threads, batch {args.batch}")
     print(f"load average {load} on {os.cpu_count()} cores")
     print(f"{'source':<28}{'patterns/s':>12}{'median batch':>14}")
-    bank_uses = simulation._BANK_USES
+    bank_uses = stream_module._BANK_USES
     mixes = {
         "photos only": {"photos": 1, "lattice": 0, "noise": 0},
         "lattices only": {"photos": 0, "lattice": 1, "noise": 0},
@@ -97,11 +100,11 @@ def main() -> None:
         config = StreamConfig(batch_size=args.batch, **({"mix": mix} if mix else {}))
         stream = TrainingStream(geometry, config, seed=0)
         counter = iter(range(10**9))
-        simulation._BANK_USES = 0 if "fresh" in label else bank_uses  # 0: no bank of objects
+        stream_module._BANK_USES = 0 if "fresh" in label else bank_uses  # 0: no bank of objects
         seconds = timings(lambda s=stream, c=counter: s.batch(next(c)), args.batches)
         median, mean = statistics.median(seconds), statistics.fmean(seconds)
         print(f"{label:<28}{args.batch / mean:>12,.0f}{args.batch / median:>14,.0f}")
-    simulation._BANK_USES = bank_uses
+    stream_module._BANK_USES = bank_uses
     if args.stages:
         stages(geometry, args.batch, args.batches)
 

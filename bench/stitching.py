@@ -8,10 +8,9 @@ the solved offsets) separately, best of ``--repeat`` runs, and checks the stitch
 
     python bench/stitching.py                 # 65,536 patches (256 x 256 scan)
     python bench/stitching.py --n 4096 --angle 17 --repeat 3
-    python bench/stitching.py --n 16384 --tilt
 
 The error columns compare the stitched image with the object where the coverage is non-zero, after removing one
-constant (and a plane with ``--tilt``). With integer positions the solve is exact (float32 rounding); with
+constant. With integer positions the solve is exact (float32 rounding); with
 ``--angle`` the bilinear splatting and the residual of the sub-pixel correction remain, largest at the edge of
 the covered area (the object here has periods down to 12 px).
 """
@@ -71,7 +70,6 @@ def main(argv=None) -> int:
     ap.add_argument("--angle", type=float, default=0.0, help="scan rotation in degrees (non-zero: sub-pixel)")
     ap.add_argument("--radius", type=float, default=6.0, help="mask radius in pixels (default 6)")
     ap.add_argument("--patch", type=int, default=32, help="patch size in pixels (default 32)")
-    ap.add_argument("--tilt", action="store_true", help="also solve per-patch tilts")
     ap.add_argument("--repeat", type=int, default=3, help="timing repeats, best is reported (default 3)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -86,9 +84,9 @@ def main(argv=None) -> int:
     t_solve, t_place = [], []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        sol = solve_offsets(patches, positions, mask, tilt=args.tilt)
+        sol = solve_offsets(patches, positions, mask)
         t1 = time.perf_counter()
-        res = stitch(patches, positions, mask, offsets=sol.offsets, tilts=sol.tilts)
+        res = stitch(patches, positions, mask, offsets=sol.offsets)
         t2 = time.perf_counter()
         t_solve.append(t1 - t0)
         t_place.append(t2 - t1)
@@ -98,20 +96,14 @@ def main(argv=None) -> int:
     rr, cc = np.nonzero(cov > 0)
     truth = obj(rr - res.origin_px[0], cc - res.origin_px[1])
     diff = img[rr, cc] - truth
-    if args.tilt:  # with free tilts a global linear ramp is unobservable (fixed by the gauge): compare without it
-        design = np.stack([np.ones(rr.size), rr, cc], axis=1).astype(np.float64)
-        diff -= design @ np.linalg.lstsq(design, diff, rcond=None)[0]
     diff -= diff.mean()
     max_err = float(np.abs(diff).max())
     rms_err = float(np.sqrt(np.mean(diff**2)))
     off_err = sol.offsets + true_offsets
-    if args.tilt:  # offsets carry the gauge ramp tau . p with free tilts
-        design = np.stack([np.ones(n), positions[:, 0], positions[:, 1]], axis=1)
-        off_err -= design @ np.linalg.lstsq(design, off_err, rcond=None)[0]
     off_err = float(np.ptp(off_err - off_err.mean()))
 
     print(f"stitching benchmark: {n} patches {args.patch}x{args.patch}, step {args.step} px, angle {args.angle} deg, "
-          f"mask radius {args.radius} px ({int(mask.sum())} px), tilt={args.tilt}, {os.cpu_count()} CPUs")
+          f"mask radius {args.radius} px ({int(mask.sum())} px), {os.cpu_count()} CPUs")
     print(f"pairs {sol.n_pairs}, shifts {sol.n_shifts}, CG iterations {sol.iterations}, "
           f"E {sol.energy_before:.3e} -> {sol.energy_after:.3e}")
     print(f"{'patches':>8} {'offsets s':>10} {'placement s':>12} {'total s':>8} {'max err rad':>12} "

@@ -19,7 +19,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +44,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)  # the aperture-edge warnings are the point here
-    print("| snapshot | samples | minutes | lattice | abTEM hBN | abTEM hBN, anchored, 50% disk |\n|---|---|---|---|---|---|")
+    print(
+        "| snapshot | samples | minutes | lattice | abTEM hBN | abTEM hBN, anchored, 50% disk "
+        "|\n|---|---|---|---|---|---|"
+    )
     for path in args.snapshots:
         if path.suffix == ".ckpt":
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -60,15 +62,30 @@ def main() -> None:
             last = {"samples": int(payload["step"]) * batch, "minutes": float(payload["elapsed"]) / 60}
         g = model.geometry
         ds = simulate_dataset(g, scan_shape=(40, 40), scan_step=0.25, dose=1.6e6, seed=1)
-        lattice = DeepCDIReconstruction(ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=0,
-                                        transpose=False, verbose=False, **g.aberrations).preprocess().reconstruct()
+        lattice = (
+            DeepCDIReconstruction(
+                ds.datacube,
+                g.energy,
+                g.semiangle_cutoff,
+                model=model,
+                rotation_deg=0,
+                transpose=False,
+                verbose=False,
+                **g.aberrations,
+            )
+            .preprocess()
+            .reconstruct()
+        )
         hbn = anchored = "–"
         if args.multislice.exists():
             dc, truth, f = _load(args.multislice)
             hbn = _scores(_deep_cdi(dc, f, model), truth)
             anchored = _scores(_deep_cdi(dc, f, model, anchor_ramp=True, stitch_fraction=0.5), truth)
-        print(f"| {path.name} | {last.get('samples', '?')} | {last.get('minutes', float('nan')):.0f} | "
-              f"{_scores(lattice, ds)} | {hbn} | {anchored} |", flush=True)
+        print(
+            f"| {path.name} | {last.get('samples', '?')} | {last.get('minutes', float('nan')):.0f} | "
+            f"{_scores(lattice, ds)} | {hbn} | {anchored} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -3,15 +3,15 @@
 Importing the package registers ``DataCube.reconstruct_deepcdi`` on py4DSTEM's DataCube.
 """
 
+from . import reconstruction
 from ._version import __version__
-
 from .models import DeepCDIModel, list_pretrained, load_model, load_pretrained
 from .network import ResUNet
 from .probe import POLAR_NAMES, AberrationRanges, ProbeGeometry
-from . import reconstruction
-from .reconstruction import DeepCDIReconstruction, read_reconstruction, reconstruct_deepcdi
 from .probe_recovery import ProbeRecovery, recover_probe
-from .simulation import ForwardModel, SimulatedDataset, StreamConfig, TrainingStream, simulate_dataset
+from .reconstruction import DeepCDIReconstruction, read_reconstruction, reconstruct_deepcdi
+from .simulation import ForwardModel, SimulatedDataset, simulate_dataset
+from .stream import StreamConfig, TrainingStream
 from .training import TrainConfig, Trainer
 
 reconstruction._register()

@@ -3,24 +3,119 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
+import types
+import typing
+from collections.abc import Iterable
 from pathlib import Path
 
-from .probe import POLAR_NAMES
+import numpy as np
+import py4DSTEM
+import torch
+
+from .comparison import compare_with_epie
+from .io import atomic_path, read_result
+from .models import as_model, list_pretrained, load_model
+from .preprocessing import resample_vacuum
+from .probe import POLAR_NAMES, AberrationRanges, ProbeGeometry
+from .probe_recovery import recover_probe
+from .reconstruction import DeepCDIReconstruction
+from .simulation import simulate_dataset
+from .stitching import StitchOptions
+from .stream import StreamConfig
+from .training import TrainConfig, Trainer, plot_history
+
+
+# ---------------------------------------------------------------------------------------------- options from
+# dataclasses
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def _value_type(hint) -> type:
+    """The argument type of a field annotation: ``float | None`` → float, ``tuple[float, float]`` → tuple."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _value_type(args[0])
+    return typing.get_origin(hint) or hint
+
+
+def _dest(cls, name: str) -> str:
+    """The namespace attribute of a dataclass field's flag (prefixed: two classes may share a field name)."""
+    return f"{cls.__name__}.{name}"
+
+
+def add_options(parser, cls, exclude: Iterable[str] = ()) -> None:
+    """Add one command-line flag per field of the dataclass ``cls`` that carries a ``help`` in its metadata.
+
+    The default, the type and the choices come from the field (written once, in the dataclass); the flag is
+    ``--field-name`` unless the metadata names another (``flag``); ``negate`` names a store-false flag for a
+    boolean field; tuples take as many values as their default (``metavar``), dicts one value per key.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta or f.name in exclude:
+            continue
+        default = _field_default(f)
+        kind = _value_type(hints[f.name])
+        kwargs = {"dest": _dest(cls, f.name), "default": default, "help": f"{meta['help']} (default: %(default)s)"}
+        if "negate" in meta:
+            parser.add_argument(meta["negate"], action="store_false", dest=_dest(cls, f.name), help=meta["help"])
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            item = typing.get_args(typing.get_args(hints[f.name])[0] if default is None else hints[f.name])
+            kwargs.update(nargs=len(item), type=item[0], metavar=meta.get("metavar", ("MIN", "MAX")))
+        elif kind is dict:
+            kwargs.update(nargs=len(default), type=float, metavar=tuple(k.upper() for k in default))
+            kwargs["default"] = tuple(default.values())
+        else:
+            metavar = None if "choices" in meta else meta.get("metavar", f.name.upper())
+            kwargs.update(type=kind, choices=meta.get("choices"), metavar=metavar)
+        parser.add_argument(flag, **kwargs)
+
+
+def options_from_args(cls, args: argparse.Namespace, exclude: Iterable[str] = ()) -> dict:
+    """The keyword arguments of ``cls`` that :func:`add_options` parsed into ``args``."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata or f.name in exclude or not hasattr(args, _dest(cls, f.name)):
+            continue
+        value = getattr(args, _dest(cls, f.name))
+        default = _field_default(f)
+        if isinstance(default, dict):
+            value = dict(zip(default, value))
+        elif isinstance(value, list):
+            value = tuple(value)
+        out[f.name] = value
+    return out
 
 
 def _add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("geometry (defaults: the shipped hBN model, 300 keV, 17.1 mrad, 32×32)")
     g.add_argument("--energy", type=float, default=300e3, help="beam energy (eV)")
     g.add_argument("--semiangle", type=float, default=17.1, help="convergence semi-angle (mrad)")
-    g.add_argument("--detector", type=int, nargs=2, default=(32, 32), metavar=("QX", "QY"), help="pattern shape (pixels)")
+    g.add_argument(
+        "--detector", type=int, nargs=2, default=(32, 32), metavar=("QX", "QY"), help="pattern shape (pixels)"
+    )
     g.add_argument("--angular-sampling", type=float, default=2.0, help="detector pixel size (mrad)")
     g.add_argument("--rolloff", type=float, default=2.0, help="aperture edge taper (mrad), 0 = sharp")
     g.add_argument("--mask-threshold", type=float, default=0.1, help="illuminated mask: |P|² > t·max|P|²")
     g.add_argument("--vacuum-probe", type=Path, default=None, help="measured vacuum pattern (.npy) used as aperture")
-    g.add_argument("--vacuum-sampling", type=float, default=None,
-                   help="pixel size of the vacuum pattern (mrad): resample it onto the model's detector")
+    g.add_argument(
+        "--vacuum-sampling",
+        type=float,
+        default=None,
+        help="pixel size of the vacuum pattern (mrad): resample it onto the model's detector",
+    )
     for name in POLAR_NAMES:
         unit = "rad" if name.startswith("phi") else "Å"
         g.add_argument(f"--{name}", type=float, default=-100.0 if name == "C10" else 0.0, help=f"{name} ({unit})")
@@ -28,10 +123,6 @@ def _add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
 
 def geometry_from_args(args: argparse.Namespace):
     """Build the ProbeGeometry described by the geometry arguments."""
-    import numpy as np  # noqa: PLC0415
-
-    from .probe import ProbeGeometry  # noqa: PLC0415
-
     geometry = ProbeGeometry(
         energy=args.energy,
         semiangle_cutoff=args.semiangle,
@@ -45,52 +136,20 @@ def geometry_from_args(args: argparse.Namespace):
         return geometry
     vacuum = np.load(args.vacuum_probe)
     if args.vacuum_sampling is not None:
-        from .preprocessing import resample_vacuum  # noqa: PLC0415
-
         vacuum = resample_vacuum(vacuum, args.vacuum_sampling, geometry)
     return geometry.replace(vacuum_probe_intensity=vacuum)
 
 
-def _ranges_from_args(args: argparse.Namespace):
-    from .probe import AberrationRanges  # noqa: PLC0415
-
-    return AberrationRanges(C10=tuple(args.C10_range), C12=args.C12_max, C21=args.C21_max, C23=args.C23_max)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from .simulation import StreamConfig  # noqa: PLC0415
-    from .training import TrainConfig, Trainer, plot_history  # noqa: PLC0415
-
     _threads(args)
     geometry = geometry_from_args(args)
     stream = StreamConfig(
-        electrons_range=tuple(args.electrons),
-        phase_max_range=tuple(args.phase_max),
-        phase_max_sampling=args.phase_max_sampling,
-        edge_width_range=tuple(args.edge_width_range) if args.edge_width_range else None,
-        batch_size=args.batch_size,
-        mix={"photos": args.mix[0], "lattice": args.mix[1], "noise": args.mix[2]},
-        image_folder=str(args.images) if args.images else None,
-        aberration_ranges=_ranges_from_args(args) if args.condition_probe else None,
+        **options_from_args(StreamConfig, args, exclude=("aberration_ranges",)),
+        aberration_ranges=AberrationRanges(**options_from_args(AberrationRanges, args))
+        if args.condition_probe
+        else None,
     )
-    config = TrainConfig(
-        steps=args.steps,
-        loss=args.loss,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        lr_final=args.lr_final,
-        width=args.width,
-        depth=args.depth,
-        bf16=not args.fp32,
-        val_size=args.val_size,
-        val_every=args.val_every,
-        checkpoint_every=args.checkpoint_every,
-        max_minutes=args.max_minutes,
-        seed=args.seed,
-        stream=stream,
-        init_from=args.init_from,
-        l1_stage=args.l1_stage,
-    )
+    config = TrainConfig(**options_from_args(TrainConfig, args), stream=stream)
     checkpoint = args.checkpoint or args.output.with_suffix(".ckpt")
     trainer = Trainer(geometry, config, checkpoint=checkpoint, device=args.device, portable_checkpoint=args.portable)
     if trainer.step:
@@ -112,15 +171,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", 0):
-        import torch  # noqa: PLC0415
-
         torch.set_num_threads(args.threads)
 
 
 def _read_datacube(path: Path):
     """The DataCube stored in an EMD file (the root or the first DataCube in its tree), with its ground truth if any."""
-    import py4DSTEM  # noqa: PLC0415
-
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
@@ -134,17 +189,16 @@ def _read_datacube(path: Path):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    import py4DSTEM  # noqa: PLC0415
-
-    from .io import atomic_path  # noqa: PLC0415
-    from .simulation import simulate_dataset  # noqa: PLC0415
-
     _threads(args)
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     geometry = geometry_from_args(args)
     ds = simulate_dataset(
-        geometry, scan_shape=tuple(args.scan), scan_step=args.step, dose=args.dose, rotation_deg=args.rotation,
+        geometry,
+        scan_shape=tuple(args.scan),
+        scan_step=args.step,
+        dose=args.dose,
+        rotation_deg=args.rotation,
         seed=args.seed,
     )
     truth = py4DSTEM.RealSlice(data=ds.phase, name="ground_truth_phase")
@@ -152,7 +206,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     with atomic_path(args.output) as tmp:
         py4DSTEM.save(str(tmp), ds.datacube, mode="w")
     print(
-        f"simulated {args.scan[0]}×{args.scan[1]} patterns ({ds.electrons_per_pattern:.3g} e⁻/pattern, step {args.step} Å, "
+        f"simulated {args.scan[0]}×{args.scan[1]} patterns ({ds.electrons_per_pattern:.3g} "
+        f"e⁻/pattern, step {args.step} Å, "
         f"rotation {args.rotation}°) over a lattice with ground truth; written to {args.output}"
     )
     return 0
@@ -164,7 +219,9 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy", type=float, required=True, help="beam energy (eV)")
     p.add_argument("--semiangle", type=float, required=True, help="convergence semi-angle (mrad)")
     for name in POLAR_NAMES:
-        p.add_argument(f"--{name}", type=float, default=None, help=f"{name} ({'rad' if name.startswith('phi') else 'Å'})")
+        p.add_argument(
+            f"--{name}", type=float, default=None, help=f"{name} ({'rad' if name.startswith('phi') else 'Å'})"
+        )
     p.add_argument("--model", default=None, help="model file (.pt) or shipped model name (default: the shipped one)")
     p.add_argument("--step", type=float, default=None, help="scan step (Å), if the file lacks the calibration")
     p.add_argument("--angular-sampling", type=float, default=None, help="detector pixel (mrad), if the file lacks it")
@@ -179,24 +236,29 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def _reconstruction_from_args(args: argparse.Namespace, probe=None):
     """The DeepCDIReconstruction (not yet preprocessed) that the data arguments describe."""
-    from .reconstruction import DeepCDIReconstruction  # noqa: PLC0415
-
     _threads(args)
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     datacube, _ = _read_datacube(args.input)
     aberrations = {name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}
     return DeepCDIReconstruction(
-        datacube, energy=args.energy, semiangle_cutoff=args.semiangle, model=args.model, device=args.device,
-        scan_step=args.step, angular_sampling=args.angular_sampling, rotation_deg=args.rotation,
-        transpose=args.transpose, subsample=args.subsample, verbose=not args.quiet, probe=probe, **aberrations,
+        datacube,
+        energy=args.energy,
+        semiangle_cutoff=args.semiangle,
+        model=args.model,
+        device=args.device,
+        scan_step=args.step,
+        angular_sampling=args.angular_sampling,
+        rotation_deg=args.rotation,
+        transpose=args.transpose,
+        subsample=args.subsample,
+        verbose=not args.quiet,
+        probe=probe,
+        **aberrations,
     )
 
 
 def cmd_recover_probe(args: argparse.Namespace) -> int:
-    from .models import as_model  # noqa: PLC0415
-    from .probe_recovery import recover_probe  # noqa: PLC0415
-
     given = {name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}
     model = as_model(args.model)
     model.require_conditioned("recover-probe")
@@ -204,17 +266,23 @@ def cmd_recover_probe(args: argparse.Namespace) -> int:
     args.model = model
     recon = _reconstruction_from_args(args, probe=reference)
     result = recover_probe(
-        recon, initial=None if args.random_start else reference, n_pairs=args.pairs, n_iterations=args.iterations,
-        n_trials=args.trials, seed=args.seed, precision=args.precision, progress=not args.quiet,
+        recon,
+        initial=None if args.random_start else reference,
+        n_pairs=args.pairs,
+        n_iterations=args.iterations,
+        n_trials=args.trials,
+        seed=args.seed,
+        precision=args.precision,
+        progress=not args.quiet,
     )
-    from .io import atomic_path  # noqa: PLC0415
-
     with atomic_path(args.output) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=1))
     if args.png:
         result.visualize(path=args.png)
     print(result)
-    print(f"recovered aberrations written to {args.output}; use them with `deepcdi reconstruct ... --probe {args.output}`")
+    print(
+        f"recovered aberrations written to {args.output}; use them with `deepcdi reconstruct ... --probe {args.output}`"
+    )
     return 0
 
 
@@ -230,8 +298,11 @@ def _probe_file(path: Path) -> dict:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     recon = _reconstruction_from_args(args, probe=_probe_file(args.probe) if args.probe else None)
     recon.preprocess().reconstruct(
-        precision=args.precision, stitching=args.stitching, symmetrize=args.symmetrize,
-        stitch_fraction=args.stitch_fraction, anchor_ramp=args.anchor_ramp,
+        precision=args.precision,
+        stitching=StitchOptions(**options_from_args(StitchOptions, args)),
+        symmetrize=args.symmetrize,
+        stitch_fraction=args.stitch_fraction,
+        anchor_ramp=args.anchor_ramp,
     )
     recon.save(args.output, overwrite=args.overwrite)
     if args.png:
@@ -241,26 +312,26 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import time  # noqa: PLC0415
-
-    from .comparison import compare_with_epie  # noqa: PLC0415
-    from .models import as_model  # noqa: PLC0415
-    from .reconstruction import DeepCDIReconstruction  # noqa: PLC0415
-    from .simulation import simulate_dataset  # noqa: PLC0415
-
     _threads(args)
     start = time.perf_counter()
     model = as_model(args.model)
     geometry = model.geometry
     print(f"model: {model!r}")
-    ds = simulate_dataset(geometry, scan_shape=(args.scan, args.scan), scan_step=args.step, dose=args.dose, seed=args.seed)
+    ds = simulate_dataset(
+        geometry, scan_shape=(args.scan, args.scan), scan_step=args.step, dose=args.dose, seed=args.seed
+    )
     print(
         f"simulated {args.scan}×{args.scan} patterns of {geometry.detector_shape[0]}×{geometry.detector_shape[1]} "
         f"pixels over a lattice ({ds.electrons_per_pattern:.3g} e⁻/pattern = {args.dose:.3g} e⁻/Å² × "
         f"{args.step}² Å²)"
     )
     recon = DeepCDIReconstruction(
-        ds.datacube, geometry.energy, geometry.semiangle_cutoff, model=model, rotation_deg=0.0, transpose=False,
+        ds.datacube,
+        geometry.energy,
+        geometry.semiangle_cutoff,
+        model=model,
+        rotation_deg=0.0,
+        transpose=False,
         **geometry.aberrations,
     )
     recon.preprocess().reconstruct()
@@ -274,8 +345,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .models import list_pretrained, load_model  # noqa: PLC0415
-
     if args.path is None:
         models = list_pretrained()
         if not models:
@@ -284,7 +353,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             g, t, ranges = info["geometry"], info["training"], info["aberration_ranges"]
             probe = f"probe-conditioned over {ranges} (Å)" if ranges else f"C10 {g['aberrations']['C10']:g} Å"
             print(
-                f"{name}: {g['energy_eV'] / 1e3:g} keV, {g['semiangle_cutoff_mrad']:g} mrad, {tuple(g['detector_shape'])} "
+                f"{name}: {g['energy_eV'] / 1e3:g} keV, {g['semiangle_cutoff_mrad']:g} mrad, "
+                f"{tuple(g['detector_shape'])} "
                 f"pixels of {g['angular_sampling_mrad']:g} mrad, {probe}; "
                 f"{t.get('samples', '?')} training samples, validation L1 {t.get('val_l1', float('nan')):.4f} rad"
             )
@@ -293,61 +363,31 @@ def cmd_info(args: argparse.Namespace) -> int:
         model = load_model(args.path)
         print(json.dumps(model.metadata, indent=1))
         return 0
-    from .io import read_result  # noqa: PLC0415
-
     phase, metadata, arrays = read_result(args.path)
     print(f"phase image {phase.shape}; arrays: {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
     print(json.dumps(metadata, indent=1))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deepcdi",
-        description="Deep-learning coherent diffractive imaging for 4D-STEM (a py4DSTEM plugin).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a network for one probe geometry on simulated data (resumable)")
     _add_geometry_arguments(p)
     p.add_argument("--output", type=Path, required=True, help="model file to write (.pt)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default OUTPUT.ckpt); resumes if present")
-    p.add_argument("--steps", type=int, default=20_000, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
-    p.add_argument("--lr-final", type=float, default=2e-5, help="final learning rate (cosine decay)")
-    p.add_argument("--width", type=float, default=1.0, help="network width multiplier (1 = the paper's)")
-    p.add_argument("--depth", type=int, default=4, help="stride-2 levels (4 = the paper's)")
-    p.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
-    p.add_argument("--electrons", type=float, nargs=2, default=(2e4, 1e6), metavar=("MIN", "MAX"), help="electrons per pattern")
-    p.add_argument("--phase-max", type=float, nargs=2, default=(0.03, 1.5), metavar=("MIN", "MAX"),
-                   help="object phase range (rad)")
-    p.add_argument("--phase-max-sampling", choices=("uniform", "log"), default="log",
-                   help="how the object phase is drawn from --phase-max (log: more weak objects)")
-    p.add_argument("--edge-width-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="draw each sample's aperture-edge width (mrad, centred on the semi-angle) from this range")
-    p.add_argument("--loss", choices=("l1", "relative"), default="relative",
-                   help="masked L1 divided by each target's mean |phase| (default) or in rad (the paper's)")
-    p.add_argument("--mix", type=float, nargs=3, default=(0.5, 0.35, 0.15), metavar=("PHOTOS", "LATTICE", "NOISE"))
-    p.add_argument("--images", type=Path, default=None, help="folder of your own training images")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint file (default OUTPUT.ckpt); resumes if present"
+    )
+    add_options(p.add_argument_group("training (TrainConfig)"), TrainConfig)
+    add_options(p.add_argument_group("training data (StreamConfig)"), StreamConfig)
     c = p.add_argument_group("probe conditioning (one network for a range of probes, needed by recover-probe)")
-    c.add_argument("--condition-probe", action="store_true", help="train a probe-conditioned network over the ranges below")
-    c.add_argument("--C10-range", type=float, nargs=2, default=(-300.0, 300.0), metavar=("MIN", "MAX"), help="C10 range (Å)")
-    c.add_argument("--C12-max", type=float, default=50.0, help="largest twofold astigmatism (Å)")
-    c.add_argument("--C21-max", type=float, default=500.0, help="largest axial coma (Å)")
-    c.add_argument("--C23-max", type=float, default=500.0, help="largest threefold astigmatism (Å)")
-    p.add_argument("--init-from", default=None, help="start from this model's weights (file or shipped name)")
-    p.add_argument("--l1-stage", type=float, default=None, metavar="FRACTION",
-                   help="fraction of the run trained first with the paper's L1 on phases 0.1-1.5 rad "
-                        "(default: 0.5 from scratch with the relative loss, else 0)")
-    p.add_argument("--val-size", type=int, default=512)
-    p.add_argument("--val-every", type=int, default=500)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--portable", action="store_true",
-                   help="checkpoint with bfloat16 optimiser moments (2/3 the size, to commit; resume not bit-exact)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
-    p.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--condition-probe", action="store_true", help="train a probe-conditioned network over the ranges below"
+    )
+    add_options(c, AberrationRanges)
+    p.add_argument(
+        "--portable",
+        action="store_true",
+        help="checkpoint with bfloat16 optimiser moments (2/3 the size, to commit; resume not bit-exact)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or gpu")
     p.add_argument("--half", action="store_true", help="store weights as float16")
@@ -356,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("simulate", help="simulate a calibrated 4D-STEM DataCube (EMD) over a lattice, with ground truth")
+
+def _simulate_parser(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="simulate a calibrated 4D-STEM DataCube (EMD) over a lattice, with ground truth"
+    )
     _add_geometry_arguments(p)
     p.add_argument("--output", type=Path, required=True, help="EMD file to write (.h5)")
     p.add_argument("--scan", type=int, nargs=2, default=(32, 32), metavar=("RX", "RY"), help="scan positions")
@@ -368,39 +412,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_simulate)
 
+
+def _reconstruct_parser(sub) -> None:
     p = sub.add_parser("reconstruct", help="reconstruct the phase of an EMD DataCube with a trained model")
     _add_data_arguments(p)
     p.add_argument("--output", type=Path, required=True, help="EMD file for the phase image (.h5)")
     p.add_argument("--probe", type=Path, default=None, help="JSON file of `recover-probe` whose aberrations to use")
-    p.add_argument("--stitching", choices=("lsq", "relaxation"), default="lsq")
-    p.add_argument("--symmetrize", action="store_true", help="average each patch over the probe's symmetries (slower, more accurate)")
-    p.add_argument("--stitch-fraction", type=float, default=None,
-                   help="stitch only the disk of each patch holding this fraction of the probe's intensity (default: the model's mask)")
-    p.add_argument("--anchor-ramp", action="store_true",
-                   help="set the image's mean phase gradient from the patterns' centres of mass (zero after disk centring)")
+    add_options(p.add_argument_group("stitching (StitchOptions)"), StitchOptions)
+    p.add_argument(
+        "--symmetrize",
+        action="store_true",
+        help="average each patch over the probe's symmetries (slower, more accurate)",
+    )
+    p.add_argument(
+        "--stitch-fraction",
+        type=float,
+        default=None,
+        help="stitch only the disk of each patch holding this fraction of the probe's intensity "
+        "(default: the model's mask)",
+    )
+    p.add_argument(
+        "--anchor-ramp",
+        action="store_true",
+        help="set the image's mean phase gradient from the patterns' centres of mass (zero after disk centring)",
+    )
     p.add_argument("--png", type=Path, default=None, help="also write a figure")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_reconstruct)
 
+
+def _recover_probe_parser(sub) -> None:
     p = sub.add_parser(
         "recover-probe",
         help="find the probe's aberrations from the data with a probe-conditioned model (overlap consistency)",
     )
     _add_data_arguments(p)
-    p.add_argument("--output", type=Path, required=True, help="JSON file for the recovered aberrations and loss history")
+    p.add_argument(
+        "--output", type=Path, required=True, help="JSON file for the recovered aberrations and loss history"
+    )
     p.add_argument("--pairs", type=int, default=100, help="pairs of neighbouring positions compared")
     p.add_argument("--iterations", type=int, default=50, help="search iterations")
     p.add_argument("--trials", type=int, default=30, help="random candidates per iteration")
-    p.add_argument("--random-start", action="store_true", help="start from a random probe (default: the given aberrations, else the model's reference)")
+    p.add_argument(
+        "--random-start",
+        action="store_true",
+        help="start from a random probe (default: the given aberrations, else the model's reference)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", type=Path, default=None, help="also write the figure (probes, loss curve)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_recover_probe)
 
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser(
         "demo", help="quick start: simulate a lattice, reconstruct with the shipped model, compare with ePIE"
     )
-    p.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for demo.h5 and demo.png (overwritten)")
+    p.add_argument(
+        "--out", type=Path, default=Path("demo_output"), help="folder for demo.h5 and demo.png (overwritten)"
+    )
     p.add_argument("--model", default=None, help="model file or shipped name (default: the shipped model)")
     p.add_argument("--scan", type=int, default=40, help="scan positions per side")
     p.add_argument("--step", type=float, default=0.25, help="scan step (Å)")
@@ -410,9 +480,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
+
+def _info_parser(sub) -> None:
     p = sub.add_parser("info", help="list shipped models, or describe a model (.pt) or result (.h5) file")
     p.add_argument("path", type=Path, nargs="?", default=None)
     p.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepcdi",
+        description="Deep-learning coherent diffractive imaging for 4D-STEM (a py4DSTEM plugin).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _simulate_parser(sub)
+    _reconstruct_parser(sub)
+    _recover_probe_parser(sub)
+    _demo_parser(sub)
+    _info_parser(sub)
     return parser
 
 

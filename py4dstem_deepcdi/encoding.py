@@ -1,9 +1,9 @@
 """The network's input and output encoding, shared by training, inference and probe recovery.
 
-    input   x = sqrt(counts / N_e × N_pixels)            (N_e the expected electrons per pattern)
-    probe   [Re P, Im P] / max|P|                        (two extra channels of a probe-conditioned network)
-    mask    |P|² > threshold × max|P|²                   (the illuminated pixels, where the phase is learnt)
-    output  φ − mean_mask(φ) inside the mask, 0 outside  (the zero frequency of a pattern's phase is lost)
+input   x = sqrt(counts / N_e × N_pixels)            (N_e the expected electrons per pattern)
+probe   [Re P, Im P] / max|P|                        (two extra channels of a probe-conditioned network)
+mask    |P|² > threshold × max|P|²                   (the illuminated pixels, where the phase is learnt)
+output  φ − mean_mask(φ) inside the mask, 0 outside  (the zero frequency of a pattern's phase is lost)
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 
-def network_input(counts: torch.Tensor, electrons: torch.Tensor | float, out: torch.Tensor | None = None) -> torch.Tensor:
+def network_input(
+    counts: torch.Tensor, electrons: torch.Tensor | float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Normalised amplitude fed to the network: ``sqrt(counts / electrons × N_pixels)`` per pattern.
 
     Parameters

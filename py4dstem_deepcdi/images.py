@@ -13,8 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import skimage.data
+import skimage.io
 import torch
 import torch.nn.functional as F
+from skimage.transform import resize
 
 #: scikit-image photographs that ship inside the package (no download needed).
 SKIMAGE_PHOTOS: tuple[str, ...] = (
@@ -64,8 +67,6 @@ class PhotoSource:
         scale_range: tuple[float, float] = (1.0, 8.0),
         gamma_range: tuple[float, float] = (0.5, 2.0),
     ):
-        from skimage.transform import resize  # noqa: PLC0415 - heavy import, only needed here
-
         if len(images) == 0:
             raise ValueError("PhotoSource needs at least one image")
         tiles = []
@@ -93,15 +94,11 @@ class PhotoSource:
     @classmethod
     def from_skimage(cls, names: Sequence[str] = SKIMAGE_PHOTOS, **kwargs) -> PhotoSource:
         """The photographs installed with scikit-image (read locally, never downloaded)."""
-        import skimage.data  # noqa: PLC0415
-
         return cls([getattr(skimage.data, name)() for name in names], **kwargs)
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kwargs) -> PhotoSource:
         """All png/jpg/tif/bmp images in ``folder`` (not recursive)."""
-        import skimage.io  # noqa: PLC0415
-
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"image folder {str(folder)!r} does not exist or is not a folder")

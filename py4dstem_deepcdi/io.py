@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import emdfile
+import numpy as np
+import py4DSTEM
 
 
 @contextlib.contextmanager
@@ -47,12 +52,6 @@ def save_result(
     child ``Array`` node. Written to a temporary file and renamed: never a half-written file; an existing file
     is kept unless ``overwrite``.
     """
-    import json  # noqa: PLC0415
-
-    import emdfile  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    import py4DSTEM  # noqa: PLC0415
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -72,10 +71,6 @@ def read_result(path: str | Path) -> tuple:
 
     Raises ``ValueError`` for a file that is not such a result (corrupt, foreign, another EMD file).
     """
-    import json  # noqa: PLC0415
-
-    import py4DSTEM  # noqa: PLC0415
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -91,8 +86,6 @@ def read_result(path: str | Path) -> tuple:
 
 
 def _json_default(value):
-    import numpy as np  # noqa: PLC0415
-
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):

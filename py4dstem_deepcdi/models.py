@@ -109,7 +109,8 @@ class DeepCDIModel:
         training = self.metadata.get("training", {})
         conditioned = f", probe-conditioned over {self.aberration_ranges.to_dict()}" if self.conditioned else ""
         return (
-            f"DeepCDIModel({self.metadata.get('name', 'unnamed')}, {self.geometry!r}{conditioned}, width={self.network.width}, "
+            f"DeepCDIModel({self.metadata.get('name', 'unnamed')}, {self.geometry!r}{conditioned}, "
+            f"width={self.network.width}, "
             f"depth={self.network.depth}, samples={training.get('samples', '?')}, "
             f"val_L1={training.get('val_l1', '?')})"
         )
@@ -139,7 +140,9 @@ def load_model(path: str | Path, device: str = "cpu") -> DeepCDIModel:
         vacuum = payload.get("vacuum_probe_intensity")
         geometry = ProbeGeometry.from_dict(metadata["geometry"], None if vacuum is None else vacuum.numpy())
         network = ResUNet(**metadata["network"])
-        network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+        network.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+        )
     except (KeyError, RuntimeError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{str(path)!r} is a damaged model file: {exc}") from exc
     network.eval().to(torch_device(device))
@@ -183,4 +186,3 @@ def as_model(model: DeepCDIModel | str | Path | None, device: str = "cpu") -> De
     if path.suffix == ".pt" or path.exists():
         return load_model(path, device=device)
     return load_pretrained(str(model), device=device)
-

@@ -20,11 +20,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import py4DSTEM
 import torch
 
-from .probe import ProbeGeometry
 from .encoding import network_input
 from .planes import fit_plane
+from .probe import ProbeGeometry, vacuum_pattern
 from .scan import scan_positions
 
 _LENGTH_UNITS = {"A": 1.0, "Å": 1.0, "nm": 10.0, "pm": 0.01}
@@ -58,12 +59,16 @@ def datacube_array(datacube) -> np.ndarray:
     data = datacube if isinstance(datacube, np.ndarray) else getattr(datacube, "data", datacube)
     if not hasattr(data, "shape") or len(data.shape) != 4:
         shape = getattr(data, "shape", None)
+        got = f"shape {shape}" if shape is not None else type(data).__name__
         raise ValueError(
-            f"expected a 4-D datacube (Rx, Ry, Qx, Qy), got {'shape ' + str(shape) if shape is not None else type(data).__name__}; "
-            "a 3-D stack must be reshaped to its scan shape first (py4DSTEM.DataCube(data=array.reshape(Rx, Ry, Qx, Qy)))"
+            f"expected a 4-D datacube (Rx, Ry, Qx, Qy), got {got}; "
+            "a 3-D stack must be reshaped to its scan shape first "
+            "(py4DSTEM.DataCube(data=array.reshape(Rx, Ry, Qx, Qy)))"
         )
     if data.shape[0] * data.shape[1] < 2:
-        raise ValueError(f"the scan has {data.shape[0] * data.shape[1]} position(s); deep CDI needs overlapping positions")
+        raise ValueError(
+            f"the scan has {data.shape[0] * data.shape[1]} position(s); deep CDI needs overlapping positions"
+        )
     return data
 
 
@@ -169,8 +174,6 @@ def resample_vacuum(vacuum_probe_intensity, angular_sampling: float, geometry: P
         The model's geometry: its detector shape and angular sampling; the bright-field disk's centre of mass lands
         on pixel (N0 // 2, N1 // 2), as :func:`preprocess` centres the data.
     """
-    from .probe import vacuum_pattern  # noqa: PLC0415
-
     data = vacuum_pattern(vacuum_probe_intensity)
     if not (math.isfinite(angular_sampling) and angular_sampling > 0):
         raise ValueError(f"angular_sampling of the vacuum pattern must be positive (mrad), got {angular_sampling!r}")
@@ -190,8 +193,6 @@ def resample_vacuum(vacuum_probe_intensity, angular_sampling: float, geometry: P
 
 def estimate_rotation(datacube, energy: float) -> tuple[float, bool]:
     """Scan rotation (deg) and transpose from py4DSTEM's centre-of-mass (DPC) curl minimisation."""
-    import py4DSTEM  # noqa: PLC0415
-
     dpc = py4DSTEM.process.phase.DPC(datacube=datacube, energy=energy, verbose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

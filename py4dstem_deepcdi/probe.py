@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -144,7 +144,8 @@ class ProbeGeometry:
                 raise ValueError(
                     f"vacuum_probe_intensity has shape {vacuum_probe_intensity.shape}, expected the detector shape "
                     f"{self.detector_shape}; resample it onto the model's detector with "
-                    "preprocessing.resample_vacuum(pattern, angular_sampling, geometry) (deepcdi: --vacuum-sampling MRAD)"
+                    "preprocessing.resample_vacuum(pattern, angular_sampling, geometry) (deepcdi: "
+                    "--vacuum-sampling MRAD)"
                 )
             if not np.all(np.isfinite(vacuum_probe_intensity)) or vacuum_probe_intensity.sum() <= 0:
                 raise ValueError("vacuum_probe_intensity must be finite with a positive sum")
@@ -216,8 +217,13 @@ class ProbeGeometry:
         if not (math.isfinite(width) and width >= 0):
             raise ValueError(f"width must be >= 0 mrad, got {width!r}")
         n0, n1 = self.detector_shape
-        theta = np.hypot(*np.meshgrid((np.arange(n0) - n0 // 2) * self.angular_sampling,
-                                      (np.arange(n1) - n1 // 2) * self.angular_sampling, indexing="ij"))
+        theta = np.hypot(
+            *np.meshgrid(
+                (np.arange(n0) - n0 // 2) * self.angular_sampling,
+                (np.arange(n1) - n1 // 2) * self.angular_sampling,
+                indexing="ij",
+            )
+        )
         if width == 0:
             return (theta <= self.semiangle_cutoff).astype(np.float64)
         return np.clip((self.semiangle_cutoff + width / 2 - theta) / width, 0, 1) ** 2
@@ -271,7 +277,8 @@ class ProbeGeometry:
         ratio = self.oversampling_ratio
         if ratio < 2:
             raise ValueError(
-                f"aberrations/angular_sampling: the probe is undersampled: its support ({2 * self.support_radius():.2f} Å "
+                "aberrations/angular_sampling: the probe is undersampled: its support "
+                f"({2 * self.support_radius():.2f} Å "
                 f"across, {SUPPORT_FRACTION:.0%} of the intensity) is more than half the window "
                 f"({self.window_size[0]:.2f} Å), oversampling ratio {ratio:.2f} < 2. Reduce the defocus or "
                 "aberrations, or use a finer angular_sampling (a wider window)"
@@ -412,10 +419,12 @@ class AberrationRanges:
         Largest threefold astigmatism (Å).
     """
 
-    C10: tuple[float, float] = (-300.0, 300.0)
-    C12: float = 50.0
-    C21: float = 500.0
-    C23: float = 500.0
+    C10: tuple[float, float] = field(
+        default=(-300.0, 300.0), metadata={"help": "C10 range (Å)", "flag": "--C10-range", "metavar": ("MIN", "MAX")}
+    )
+    C12: float = field(default=50.0, metadata={"help": "largest twofold astigmatism (Å)", "flag": "--C12-max"})
+    C21: float = field(default=500.0, metadata={"help": "largest axial coma (Å)", "flag": "--C21-max"})
+    C23: float = field(default=500.0, metadata={"help": "largest threefold astigmatism (Å)", "flag": "--C23-max"})
 
     def __post_init__(self):
         try:

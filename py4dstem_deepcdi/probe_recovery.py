@@ -4,7 +4,8 @@ For a candidate probe θ (the 7 parameters), the network retrieves the phase pat
 given θ; for every pair (i, j) of neighbouring positions, shifted by s_ij = (r_j − r_i) / pixel, the patches must
 agree where both are illuminated, up to their unknown constant offsets:
 
-    L(θ) = mean over pairs of  Σ_r w |d(r) − d̄| / Σ_r w,   d(r) = φ_i(r) − φ_j(r − s_ij),   w = mask_i(r) mask_j(r − s_ij)
+    L(θ) = mean over pairs of  Σ_r w |d(r) − d̄| / Σ_r w,
+    d(r) = φ_i(r) − φ_j(r − s_ij),   w(r) = mask_i(r) mask_j(r − s_ij)
 
 (d̄ the w-weighted mean of d). With ``normalize=True`` (default) each pair's disagreement is divided by the spread of
 its two patches over the overlap, so a probe for which the network returns flat patches cannot win. L is minimised
@@ -24,23 +25,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from py4DSTEM.process.phase.utils import aberrations_basis_function, fit_aberration_surface
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from .backend import torch_device
-from .inference import _prepared_for
-from .probe import CARTESIAN_NAMES, AberrationRanges, ProbeGeometry, from_cartesian, to_cartesian
 from .encoding import probe_channels, remove_mask_mean
+from .io import atomic_path
+from .models import as_model
+from .probe import CARTESIAN_NAMES, AberrationRanges, ProbeGeometry, from_cartesian, to_cartesian
+from .reconstruction import DeepCDIReconstruction
+from .runtime import PRECISIONS, prepared_network
 
 #: A pair counts only where the bilinearly shifted mask of its partner is whole (all four neighbours inside).
 _WHOLE = 0.999
 #: Smallest overlap of a usable pair, as a fraction of the illuminated mask.
 MIN_OVERLAP = 0.2
-#: Default pair distance as a fraction of the illuminated mask's radius. Measured on the hBN geometry (loss along
-#: C10 and C12 with the other parameters true): 0.5 put the minimum within 6 Å of the true C10; a whole radius made
-#: pairs of the smaller candidate probes lose their overlap, and the loss jumped.
+#: Default pair distance as a fraction of the illuminated mask's radius (the choice: docs/probe_recovery.md).
 PAIR_DISTANCE = 0.5
+#: The aberrations a search may vary (each with its angle).
+SEARCHABLE = ("C10", "C12", "C21", "C23")
 
 
 @dataclass
@@ -93,10 +100,6 @@ class ProbeRecovery:
         """Figure: initial and recovered probe (real-space amplitude with the phase of its Fourier transform, the
         aberration function, inside the aperture) and the loss curve. Returns the figure; saved to ``path`` if given.
         """
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-
-        from .io import atomic_path  # noqa: PLC0415
-
         fig, axes = plt.subplots(1, 5, figsize=figsize)
         for k, (label, geometry) in enumerate((("initial", self.initial_geometry), ("recovered", self.geometry))):
             n = geometry.detector_shape[0]
@@ -111,7 +114,9 @@ class ProbeRecovery:
             axes[2 * k].set_xlabel("Å")
             fourier = geometry.probe_fourier
             chi = np.where(np.abs(fourier) > 0.1 * np.abs(fourier).max(), -np.angle(fourier), np.nan)
-            axes[2 * k + 1].imshow(chi, cmap="twilight", vmin=-np.pi, vmax=np.pi, extent=extent * geometry.angular_sampling)
+            axes[2 * k + 1].imshow(
+                chi, cmap="twilight", vmin=-np.pi, vmax=np.pi, extent=extent * geometry.angular_sampling
+            )
             ab = geometry.aberrations
             axes[2 * k + 1].set_title(f"{label} χ(k): C10 {ab['C10']:.0f}, C12 {ab['C12']:.0f} Å", fontsize=9)
             axes[2 * k + 1].set_xlabel("mrad")
@@ -179,9 +184,9 @@ def neighbour_pairs(
     gx, gy = np.meshgrid(x0 + stride * np.arange(mx), y0 + stride * np.arange(my), indexing="ij")
     indices = (gx * ry + gy).ravel()
     local = np.arange(mx * my).reshape(mx, my)
-    pairs = np.concatenate(
-        [np.stack([local[:-1].ravel(), local[1:].ravel()], 1), np.stack([local[:, :-1].ravel(), local[:, 1:].ravel()], 1)]
-    )
+    along_x = np.stack([local[:-1].ravel(), local[1:].ravel()], 1)
+    along_y = np.stack([local[:, :-1].ravel(), local[:, 1:].ravel()], 1)
+    pairs = np.concatenate([along_x, along_y])
     if rng is not None:
         pairs = pairs[rng.permutation(len(pairs))]
     return indices, pairs[: max(1, int(n_pairs))]
@@ -221,13 +226,14 @@ class OverlapLoss:
         model.require_conditioned("probe recovery")
         self.model = model
         self.device = torch_device(device)
-        self.net = _prepared_for(model, precision, self.device, False)
+        self.net = prepared_network(model, precision, self.device)
         self.amplitudes = torch.as_tensor(np.asarray(amplitudes, dtype=np.float32), device=self.device)
         self.pairs = torch.as_tensor(np.asarray(pairs), device=self.device).long()
         self.normalize = bool(normalize)
         self.batch_size = int(batch_size)
         n0, n1 = model.geometry.detector_shape
-        shifts = (np.asarray(positions)[pairs[:, 1]] - np.asarray(positions)[pairs[:, 0]]) / np.asarray(model.geometry.sampling)
+        positions = np.asarray(positions)
+        shifts = (positions[pairs[:, 1]] - positions[pairs[:, 0]]) / np.asarray(model.geometry.sampling)
         # grid_sample coordinates (align_corners=True: −1 and 1 are the first and last pixel centres) of r − s_ij
         r0, r1 = np.meshgrid(np.arange(n0), np.arange(n1), indexing="ij")
         rows = (r0[None] - shifts[:, 0, None, None]) * 2 / (n0 - 1) - 1
@@ -288,22 +294,97 @@ class OverlapLoss:
 
 
 # ---------------------------------------------------------------------------------------------- the search
+@dataclass(frozen=True)
+class RecoveryOptions:
+    """Settings of the probe search of :func:`recover_probe` (its keywords of the same names).
+
+    Raises
+    ------
+    ValueError
+        If a count is below 1, ``search`` names something other than C10, C12, C21, C23, ``final_radius`` is
+        outside (0, 1], ``pair_distance`` is not a positive distance or ``precision`` is unknown.
+    """
+
+    n_pairs: int = field(default=100, metadata={"help": "pairs of neighbouring positions compared"})
+    n_iterations: int = field(default=50, metadata={"help": "search iterations"})
+    n_trials: int = field(default=30, metadata={"help": "random candidates evaluated per iteration"})
+    ranges: AberrationRanges | None = field(
+        default=None, metadata={"help": "search ranges (default the model's training ranges; must lie inside them)"}
+    )
+    search: tuple[str, ...] = field(
+        default=SEARCHABLE,
+        metadata={"help": "aberrations searched, of C10, C12, C21, C23 (each with its angle); the others stay fixed"},
+    )
+    pair_distance: float | None = field(
+        default=None,
+        metadata={"help": "distance of paired positions (Å); default PAIR_DISTANCE × the initial mask's radius"},
+    )
+    final_radius: float = field(
+        default=0.02, metadata={"help": "search radius at the last iteration, as a fraction of the first (half ranges)"}
+    )
+    normalize: bool = field(
+        default=True, metadata={"help": "divide each pair's disagreement by the spread of its patches over the overlap"}
+    )
+    random_block: bool = field(
+        default=False, metadata={"help": "take the block of positions at a random place of the scan (default: centre)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the random initial probe, the block and the candidates"})
+    precision: str = field(default="bf16", metadata={"help": "network arithmetic: bf16 or fp32"})
+
+    def __post_init__(self):
+        for name in ("n_pairs", "n_iterations", "n_trials", "seed"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "search", tuple(self.search))
+        for name in self.search:
+            if name not in SEARCHABLE:
+                raise ValueError(
+                    f"search names aberrations among C10, C12, C21, C23 (angles come with them), got {name!r}"
+                )
+        for name in ("n_pairs", "n_iterations", "n_trials"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.final_radius <= 1:
+            raise ValueError(f"final_radius must lie in (0, 1], got {self.final_radius}")
+        if self.pair_distance is not None:
+            _check_pair_distance(self.pair_distance)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+def _check_pair_distance(distance: float) -> None:
+    if not (math.isfinite(distance) and distance > 0):
+        raise ValueError(f"pair_distance must be a positive distance in Å, got {distance}")
+
+
+@dataclass
+class _SearchPath:
+    """What the stochastic search went through: the best vector and loss, per-iteration records, its time (s)."""
+
+    best: np.ndarray
+    best_loss: float
+    initial_loss: float
+    history: list[float]
+    trials: list[np.ndarray]
+    path: list[np.ndarray]
+    time_s: float
+
+
 def recover_probe(
     data,
     model=None,
     initial: Mapping[str, float] | None = None,
-    n_pairs: int = 100,
-    n_iterations: int = 50,
-    n_trials: int = 30,
+    n_pairs: int = RecoveryOptions.n_pairs,
+    n_iterations: int = RecoveryOptions.n_iterations,
+    n_trials: int = RecoveryOptions.n_trials,
     *,
-    ranges: AberrationRanges | None = None,
-    search: Sequence[str] = ("C10", "C12", "C21", "C23"),
-    pair_distance: float | None = None,
-    final_radius: float = 0.02,
-    normalize: bool = True,
-    random_block: bool = False,
-    seed: int = 0,
-    precision: str = "bf16",
+    ranges: AberrationRanges | None = RecoveryOptions.ranges,
+    search: Sequence[str] = RecoveryOptions.search,
+    pair_distance: float | None = RecoveryOptions.pair_distance,
+    final_radius: float = RecoveryOptions.final_radius,
+    normalize: bool = RecoveryOptions.normalize,
+    random_block: bool = RecoveryOptions.random_block,
+    seed: int = RecoveryOptions.seed,
+    precision: str = RecoveryOptions.precision,
     device: str | None = None,
     progress: bool = True,
     **reconstruction_kwargs: Any,
@@ -320,92 +401,140 @@ def recover_probe(
         The probe-conditioned model (for a DataCube; a reconstruction brings its own).
     initial
         Starting parameters (polar names, Å/rad). None: a random probe inside the ranges, as in the paper.
-    n_pairs
-        Pairs of neighbouring positions compared.
-    n_iterations, n_trials
-        Search iterations, and random candidates evaluated per iteration.
-    ranges
-        Search ranges (default the model's training ranges; must lie inside them).
-    search
-        Which aberrations are searched (of C10, C12, C21, C23; an astigmatism, coma or threefold term is searched
-        with its angle); the others stay at ``initial``.
-    pair_distance
-        Distance of paired positions (Å); default :data:`PAIR_DISTANCE` times the radius of the initial probe's
-        illuminated mask.
-    final_radius
-        Search radius at the last iteration, as a fraction of the first (half the ranges).
-    normalize
-        Normalise each pair's disagreement by its patches' spread (see the module docstring).
-    random_block
-        Take the block of positions at a random place of the scan (default: its centre).
-    seed
-        Seed of the random initial probe, the block and the candidates.
-    precision, device
-        Network arithmetic (``"bf16"``/``"fp32"``) and device (default the reconstruction's, else ``"cpu"``).
+    n_pairs, n_iterations, n_trials
+        Pairs of neighbouring positions compared, search iterations, random candidates per iteration.
+    ranges, search, pair_distance, final_radius, normalize, random_block, seed, precision
+        The other search settings, as :class:`RecoveryOptions` describes them (all defaults there).
+    device
+        Network device (default the reconstruction's, else ``"cpu"``).
     progress
         tqdm progress bar.
+
+    Returns
+    -------
+    ProbeRecovery
+        The recovered parameters, the loss history and the settings.
+
+    Raises
+    ------
+    ValueError
+        For a fixed-probe model, a DataCube without model, energy or semi-angle, a reconstruction with another
+        model, search ranges outside the training ranges, an initial probe outside the search ranges, a scan
+        without pairs of overlapping neighbours, or settings that :class:`RecoveryOptions` refuses.
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    from .models import as_model  # noqa: PLC0415
-    from .reconstruction import DeepCDIReconstruction  # noqa: PLC0415
-
-    if not isinstance(data, DeepCDIReconstruction):
-        if model is None:
-            raise ValueError("give the probe-conditioned model: recover_probe(datacube, model, energy=..., semiangle_cutoff=...)")
-        model = as_model(model, device=device or "cpu")  # loaded once, handed on as the object
-        model.require_conditioned("recover_probe")
-        if "energy" not in reconstruction_kwargs or "semiangle_cutoff" not in reconstruction_kwargs:
-            raise ValueError("recover_probe on a DataCube needs energy (eV) and semiangle_cutoff (mrad) keywords")
-        reconstruction_kwargs.setdefault("verbose", False)
-        if device:
-            reconstruction_kwargs["device"] = device
-        reference = initial if initial is not None else model.geometry.aberrations
-        data = DeepCDIReconstruction(data, model=model, probe=dict(reference), **reconstruction_kwargs)
-    elif model is not None and as_model(model) is not data.model:
-        raise ValueError("recover_probe got a reconstruction and another model; the reconstruction's model is used")
-    recon = data
+    options = RecoveryOptions(
+        n_pairs=n_pairs, n_iterations=n_iterations, n_trials=n_trials, ranges=ranges, search=search,
+        pair_distance=pair_distance, final_radius=final_radius, normalize=normalize, random_block=random_block,
+        seed=seed, precision=precision,
+    )  # fmt: skip
+    recon = _as_reconstruction(data, model, initial, device, reconstruction_kwargs)
     model = recon.model
     model.require_conditioned("recover_probe")
     device = device or recon.device
-    for name in search:
-        if name not in ("C10", "C12", "C21", "C23"):
-            raise ValueError(f"search names aberrations among C10, C12, C21, C23 (angles come with them), got {name!r}")
-    for name, value in (("n_pairs", n_pairs), ("n_iterations", n_iterations), ("n_trials", n_trials)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if not 0 < final_radius <= 1:
-        raise ValueError(f"final_radius must lie in (0, 1], got {final_radius}")
-    trained = model.aberration_ranges
+    ranges = _search_ranges(options.ranges, model.aberration_ranges)
+    rng = np.random.default_rng(options.seed)
+    if recon.data is None:
+        recon.preprocess()
+    d = recon.data
+    start = _start_vector(initial, ranges, rng)
+    initial_geometry = model.geometry.replace(aberrations=from_cartesian(start))
+    loss, indices, pairs, distance, stride = _overlap_loss(model, d, initial_geometry, options, rng, device)
+    found = _stochastic_search(loss, start, ranges, options, rng, progress)
+    recovered = from_cartesian(found.best)
+    return ProbeRecovery(
+        aberrations=recovered, initial=from_cartesian(start), loss=found.best_loss, initial_loss=found.initial_loss,
+        history=np.asarray(found.history), trial_losses=np.asarray(found.trials), path=np.asarray(found.path),
+        pairs=indices[pairs], positions=d.positions[indices], geometry=model.geometry.replace(aberrations=recovered),
+        initial_geometry=initial_geometry, time_s=found.time_s,
+        evaluations=1 + options.n_iterations * options.n_trials,
+        settings={
+            "n_pairs": len(pairs), "n_iterations": options.n_iterations, "n_trials": options.n_trials,
+            "ranges": ranges.to_dict(), "search": list(options.search), "pair_distance_A": float(distance),
+            "stride_steps": int(stride), "final_radius": float(options.final_radius),
+            "normalize": bool(options.normalize), "seed": options.seed, "precision": options.precision,
+        },
+    )  # fmt: skip
+
+
+def _overlap_loss(
+    model, data, initial_geometry: ProbeGeometry, options: RecoveryOptions, rng: np.random.Generator, device: str
+) -> tuple[OverlapLoss, np.ndarray, np.ndarray, float, int]:
+    """The loss over a block of positions of the preprocessed ``data``: (loss, raster indices of the positions,
+    pairs into them, pair distance (Å), pair stride (scan steps))."""
+    distance = options.pair_distance
+    if distance is None:
+        distance = PAIR_DISTANCE * math.sqrt(initial_geometry.mask_area / math.pi)
+        _check_pair_distance(distance)
+    stride = max(1, round(distance / min(data.scan_step)))
+    indices, pairs = neighbour_pairs(data.scan_shape, stride, options.n_pairs, rng if options.random_block else None)
+    loss = OverlapLoss(
+        model, data.amplitudes[indices], data.positions[indices], pairs, options.normalize, options.precision, device
+    )
+    return loss, indices, pairs, distance, stride
+
+
+def _as_reconstruction(
+    data, model, initial: Mapping[str, float] | None, device: str | None, reconstruction_kwargs: dict[str, Any]
+) -> DeepCDIReconstruction:
+    """``data`` itself if it is a reconstruction, else a reconstruction of the DataCube ``data`` with ``model`` at
+    the initial (or the model's reference) probe."""
+    if isinstance(data, DeepCDIReconstruction):
+        if model is not None and as_model(model) is not data.model:
+            raise ValueError("recover_probe got a reconstruction and another model; the reconstruction's model is used")
+        return data
+    if model is None:
+        raise ValueError(
+            "give the probe-conditioned model: recover_probe(datacube, model, energy=..., semiangle_cutoff=...)"
+        )
+    model = as_model(model, device=device or "cpu")  # loaded once, handed on as the object
+    model.require_conditioned("recover_probe")
+    if "energy" not in reconstruction_kwargs or "semiangle_cutoff" not in reconstruction_kwargs:
+        raise ValueError("recover_probe on a DataCube needs energy (eV) and semiangle_cutoff (mrad) keywords")
+    kwargs = {"verbose": False, **reconstruction_kwargs}
+    if device:
+        kwargs["device"] = device
+    reference = initial if initial is not None else model.geometry.aberrations
+    return DeepCDIReconstruction(data, model=model, probe=dict(reference), **kwargs)
+
+
+def _search_ranges(ranges: AberrationRanges | None, trained: AberrationRanges | None) -> AberrationRanges:
+    """The search ranges: ``ranges`` (checked to lie inside the training ranges ``trained``) or ``trained``."""
     ranges = ranges or trained
     if trained is not None and ranges is not trained:
         lo, hi = ranges.bounds()
         tlo, thi = trained.bounds()
         if np.any(lo < tlo - 1e-9) or np.any(hi > thi + 1e-9):
-            raise ValueError(f"search ranges {ranges.to_dict()} leave the model's training ranges {trained.to_dict()} (Å)")
-    rng = np.random.default_rng(seed)
-    if recon.data is None:
-        recon.preprocess()
-    d = recon.data
+            raise ValueError(
+                f"search ranges {ranges.to_dict()} leave the model's training ranges {trained.to_dict()} (Å)"
+            )
+    return ranges
+
+
+def _start_vector(
+    initial: Mapping[str, float] | None, ranges: AberrationRanges, rng: np.random.Generator
+) -> np.ndarray:
+    """The Cartesian starting vector (7,) (Å): ``initial``, checked to lie in the ranges, or a random one."""
     if initial is None:
-        start = ranges.sample(1, rng)[0]
-    else:
-        start = to_cartesian(initial)
-        problems = ranges.contains(from_cartesian(start))
-        if problems:
-            raise ValueError(f"the initial probe lies outside the search ranges: {'; '.join(problems)}")
-    initial_geometry = model.geometry.replace(aberrations=from_cartesian(start))
+        return ranges.sample(1, rng)[0]
+    start = to_cartesian(initial)
+    problems = ranges.contains(from_cartesian(start))
+    if problems:
+        raise ValueError(f"the initial probe lies outside the search ranges: {'; '.join(problems)}")
+    return start
 
-    if pair_distance is None:
-        pair_distance = PAIR_DISTANCE * math.sqrt(initial_geometry.mask_area / math.pi)
-    if not (math.isfinite(pair_distance) and pair_distance > 0):
-        raise ValueError(f"pair_distance must be a positive distance in Å, got {pair_distance}")
-    stride = max(1, round(pair_distance / min(d.scan_step)))
-    indices, pairs = neighbour_pairs(d.scan_shape, stride, n_pairs, rng if random_block else None)
-    loss = OverlapLoss(model, d.amplitudes[indices], d.positions[indices], pairs, normalize, precision, device)
 
+def _stochastic_search(
+    loss: OverlapLoss,
+    start: np.ndarray,
+    ranges: AberrationRanges,
+    options: RecoveryOptions,
+    rng: np.random.Generator,
+    progress: bool,
+) -> _SearchPath:
+    """The paper's stochastic search from ``start``: ``n_trials`` Gaussian candidates around the best per iteration,
+    clipped to the ranges, the radius shrinking geometrically from half the ranges to ``final_radius`` of them."""
     active = np.zeros(7, dtype=bool)
-    for name in search:
+    for name in options.search:
         active[[i for i, c in enumerate(CARTESIAN_NAMES) if c.startswith(name)]] = True
     lo, hi = ranges.bounds()
     radius0 = np.where(active, (hi - lo) / 2, 0.0)
@@ -413,10 +542,11 @@ def recover_probe(
     best = start.copy()
     best_loss = initial_loss = float(loss(best[None])[0])
     history, trials, path = [], [], []
-    bar = tqdm(range(int(n_iterations)), desc="probe search", disable=not progress)
+    n = options.n_iterations
+    bar = tqdm(range(n), desc="probe search", disable=not progress)
     for it in bar:
-        radius = radius0 * final_radius ** (it / max(int(n_iterations) - 1, 1))
-        candidates = ranges.clip(best + radius * rng.standard_normal((int(n_trials), 7)))
+        radius = radius0 * options.final_radius ** (it / max(n - 1, 1))
+        candidates = ranges.clip(best + radius * rng.standard_normal((options.n_trials, 7)))
         losses = loss(candidates)
         k = int(np.argmin(losses))
         if losses[k] < best_loss:
@@ -426,41 +556,24 @@ def recover_probe(
         path.append(best.copy())
         bar.set_postfix(loss=f"{best_loss:.4g}", C10=f"{best[0]:.1f}")
     bar.close()
-    elapsed = time.perf_counter() - t0
-    recovered = from_cartesian(best)
-    return ProbeRecovery(
-        aberrations=recovered,
-        initial=from_cartesian(start),
-        loss=best_loss,
-        initial_loss=initial_loss,
-        history=np.asarray(history),
-        trial_losses=np.asarray(trials),
-        path=np.asarray(path),
-        pairs=indices[pairs],
-        positions=d.positions[indices],
-        geometry=model.geometry.replace(aberrations=recovered),
-        initial_geometry=initial_geometry,
-        time_s=elapsed,
-        evaluations=1 + int(n_iterations) * int(n_trials),
-        settings={
-            "n_pairs": len(pairs), "n_iterations": int(n_iterations), "n_trials": int(n_trials),
-            "ranges": ranges.to_dict(), "search": list(search), "pair_distance_A": float(pair_distance),
-            "stride_steps": int(stride), "final_radius": float(final_radius), "normalize": bool(normalize),
-            "seed": int(seed), "precision": precision,
-        },
-    )
+    return _SearchPath(best, best_loss, initial_loss, history, trials, path, time.perf_counter() - t0)
+
 
 
 # ---------------------------------------------------------------------------------------------- py4DSTEM's fit
 def fit_probe_aberrations(probe: np.ndarray, geometry: ProbeGeometry) -> dict[str, float]:
-    """The 7 parameters of a complex real-space probe (centred, ``geometry``'s grid), by py4DSTEM's aberration-surface
-    fit (``fit_aberration_surface``: unwrapped Fourier phase, amplitude-weighted least squares on the α^(m+1) cos/sin(nφ)
-    basis up to radial order 2 and angular order 3, whose coefficients are the Cartesian parameters in Å)."""
-    from py4DSTEM.process.phase.utils import aberrations_basis_function, fit_aberration_surface  # noqa: PLC0415
+    """The 7 parameters (polar names, Å and rad) of a complex real-space probe (centred, on ``geometry``'s grid).
 
+    py4DSTEM's aberration-surface fit (``fit_aberration_surface``: unwrapped Fourier phase, amplitude-weighted least
+    squares on the α^(m+1) cos/sin(nφ) basis up to radial order 2 and angular order 3, whose coefficients are the
+    Cartesian parameters in Å). Raises ValueError if ``probe`` is not complex of the geometry's shape.
+    """
     probe = np.asarray(probe)
     if probe.shape != geometry.detector_shape or not np.iscomplexobj(probe):
-        raise ValueError(f"probe must be a complex array of the geometry's shape {geometry.detector_shape}, got {probe.dtype} {probe.shape}")
+        raise ValueError(
+            f"probe must be a complex array of the geometry's shape {geometry.detector_shape}, "
+            f"got {probe.dtype} {probe.shape}"
+        )
     fourier = np.fft.fft2(np.fft.ifftshift(probe))  # corner-centred, as py4DSTEM keeps it
     orders = (3, 3)  # max angular order, max radial order: exactly the 7 parameters and a constant
     _, coefficients = fit_aberration_surface(fourier, geometry.sampling, geometry.energy, *orders, True)

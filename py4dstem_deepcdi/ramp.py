@@ -59,9 +59,12 @@ def com_phase_gradients(
     n0, n1 = intensities.shape[1:]
     reference = centres_of_mass(probe_intensity)
     power = 2 if amplitudes else 1
-    com = np.concatenate([
-        centres_of_mass(intensities[i : i + chunk].astype(np.float64) ** power) for i in range(0, len(intensities), chunk)
-    ])
+    com = np.concatenate(
+        [
+            centres_of_mass(intensities[i : i + chunk].astype(np.float64) ** power)
+            for i in range(0, len(intensities), chunk)
+        ]
+    )
     return 2 * math.pi * (com - reference) / np.array([n0, n1])
 
 
@@ -93,7 +96,8 @@ def probe_weighted_gradients(
         kernel = pair[::-1, ::-1]  # full convolution with the flipped weight = correlation with the weight
         weighted = signal.fftconvolve(np.where(finite, diff, 0.0), kernel, mode="full")
         norm = signal.fftconvolve(finite.astype(np.float64), kernel, mode="full")
-        # entry m of the full correlation is the window starting at image pixel m − (N − 1): centre c ↔ m = c + N − 1 − N//2
+        # entry m of the full correlation is the window starting at image pixel m − (N − 1): centre c ↔ m = c + N
+        # − 1 − N//2
         coords = (centres_px + np.array([n0 - 1 - n0 // 2, n1 - 1 - n1 // 2])).T
         num = ndimage.map_coordinates(weighted, coords, order=1, mode="constant", cval=0.0)
         den = ndimage.map_coordinates(norm, coords, order=1, mode="constant", cval=0.0)

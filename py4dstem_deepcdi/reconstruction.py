@@ -14,17 +14,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
+from py4DSTEM import DataCube
 
 from .backend import asnumpy, get_array_module, torch_device
+from .comparison import compare_with_epie
 from .inference import predict
-from .io import read_result, save_result
+from .io import atomic_path, read_result, save_result
 from .models import DeepCDIModel, as_model
 from .preprocessing import PreprocessedData, preprocess, resample_vacuum
 from .probe import ProbeGeometry, normalise_aberrations, vacuum_pattern
 from .ramp import anchor_ramp as anchor_ramp_to
 from .ramp import com_phase_gradients
-from .stitching import stitch
+from .stitching import StitchOptions, stitch
 
 #: relative difference of bright-field disk radii (model vs data) above which preprocess() warns
 BRIGHT_FIELD_TOLERANCE = 0.05
@@ -234,7 +237,7 @@ class DeepCDIReconstruction:
         self,
         batch_size: int = 1024,
         precision: str = "bf16",
-        stitching: str = "lsq",
+        stitching: str | StitchOptions = "lsq",
         min_overlap: float = 0.25,
         progress: bool | None = None,
         symmetrize: bool = False,
@@ -250,9 +253,16 @@ class DeepCDIReconstruction:
         precision
             ``"bf16"`` or ``"fp32"`` network arithmetic.
         stitching
-            ``"lsq"`` (exact least squares of the paper's Eq. 2) or ``"relaxation"`` (the paper's iteration).
+            ``"lsq"`` (exact least squares of the paper's Eq. 2) or ``"relaxation"`` (the paper's iteration), or
+            a :class:`~py4dstem_deepcdi.stitching.StitchOptions` with every solver setting (then ``min_overlap``
+            is ignored).
         min_overlap
             Pairs of patches count as neighbours when their masks overlap by this fraction of the mask area.
+
+        Raises
+        ------
+        ValueError
+            Invalid stitching options or ``stitch_fraction``, before any network pass.
         progress
             Progress bar (default: ``verbose``).
         symmetrize
@@ -271,38 +281,30 @@ class DeepCDIReconstruction:
             of view without a net phase gradient (a crystal or a 2-D material, not an edge or a wedge); with
             ``preprocess(centre=False)`` on data without descan it is the object's own.
         """
+        options = stitching if isinstance(stitching, StitchOptions) else StitchOptions(stitching, min_overlap)
+        mask = self._stitch_mask(stitch_fraction)
         if self.data is None:
             self.preprocess()
-        geometry = self.probe_geometry
-        mask = geometry.mask
-        if stitch_fraction is not None:
-            if not 0 < stitch_fraction <= 1:
-                raise ValueError(f"stitch_fraction must lie in (0, 1] (a fraction of the probe's intensity), got {stitch_fraction!r}")
-            mask = mask & geometry.support_mask(stitch_fraction)
         progress = self.verbose if progress is None else progress
         start = time.perf_counter()
         self.patches = predict(
             self.model, self.data.amplitudes, batch_size=batch_size, precision=precision, device=self.device,
             progress=progress, geometry=self.probe_geometry, symmetrize=symmetrize,
-        )
+        )  # fmt: skip
         self.timings["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
         positions_px = self.data.positions / np.array(self.sampling)
-        result = stitch(self.patches, positions_px, mask, method=stitching, min_overlap=min_overlap, device=self.device)
+        result = stitch(self.patches, positions_px, mask, options, device=self.device)
         self.timings["stitching_s"] = time.perf_counter() - start
         self.object_phase = asnumpy(result.image)
-        ramp_removed = None
-        if anchor_ramp:
-            measured = com_phase_gradients(self.data.amplitudes, np.abs(geometry.probe_fourier) ** 2, amplitudes=True)
-            centres = positions_px + np.asarray(result.origin_px)
-            self.object_phase, removed = anchor_ramp_to(self.object_phase, centres, np.abs(geometry.probe) ** 2, measured)
-            ramp_removed = [float(v) for v in removed / np.array(self.sampling)]
         self.coverage = asnumpy(result.coverage)
         self.offsets = asnumpy(result.offsets)
         self._origin_px = np.asarray(result.origin_px)
+        ramp_removed = self._anchor_ramp(positions_px) if anchor_ramp else None
         solution = result.solution
         self.stitch_info = {
-            "method": stitching,
+            "method": options.method,
+            "min_overlap": options.min_overlap,
             "symmetrize": bool(symmetrize),
             "stitch_fraction": stitch_fraction,
             "anchor_ramp": bool(anchor_ramp),
@@ -312,15 +314,33 @@ class DeepCDIReconstruction:
             "energy_after": solution.energy_after,
             "n_components": solution.n_components,
         }
-        n = len(self.patches)
-        self.timings["patterns_per_s"] = n / max(self.timings["inference_s"], 1e-9)
+        self.timings["patterns_per_s"] = len(self.patches) / max(self.timings["inference_s"], 1e-9)
         if self.verbose:
             print(
-                f"reconstructed {n} patterns: inference {self.timings['inference_s']:.2f} s "
+                f"reconstructed {len(self.patches)} patterns: inference {self.timings['inference_s']:.2f} s "
                 f"({self.timings['patterns_per_s']:.0f} patterns/s), stitching {self.timings['stitching_s']:.2f} s; "
                 f"phase image {self.object_phase.shape} at {self.sampling[0]:.4g} Å/pixel"
             )
         return self
+
+    def _stitch_mask(self, stitch_fraction: float | None) -> np.ndarray:
+        """The pixels of every patch that are stitched: the model's mask, or its disk holding ``stitch_fraction``."""
+        geometry = self.probe_geometry
+        if stitch_fraction is None:
+            return geometry.mask
+        if not 0 < stitch_fraction <= 1:
+            raise ValueError(
+                f"stitch_fraction must lie in (0, 1] (a fraction of the probe's intensity), got {stitch_fraction!r}"
+            )
+        return geometry.mask & geometry.support_mask(stitch_fraction)
+
+    def _anchor_ramp(self, positions_px: np.ndarray) -> list[float]:
+        """Anchor ``object_phase``'s plane to the centres of mass (:mod:`.ramp`); the removed gradient (rad/Å)."""
+        geometry = self.probe_geometry
+        measured = com_phase_gradients(self.data.amplitudes, np.abs(geometry.probe_fourier) ** 2, amplitudes=True)
+        centres = positions_px + self._origin_px
+        self.object_phase, removed = anchor_ramp_to(self.object_phase, centres, np.abs(geometry.probe) ** 2, measured)
+        return [float(v) for v in removed / np.array(self.sampling)]
 
     # ------------------------------------------------------------------ results
     def metadata(self) -> dict[str, Any]:
@@ -362,15 +382,15 @@ class DeepCDIReconstruction:
         }
         if include_patches:
             arrays["patches_rad"] = self.patches
-        return save_result(path, np.nan_to_num(self.object_phase, nan=0.0), self.metadata(), arrays, overwrite=overwrite)
+        return save_result(
+            path, np.nan_to_num(self.object_phase, nan=0.0), self.metadata(), arrays, overwrite=overwrite
+        )
 
     def visualize(self, ground_truth: np.ndarray | None = None, figsize=(12, 4), cmap: str = "magma", path=None):
         """Figure: stitched phase (Å scale), coverage, and, if given, the ground truth (same sampling).
 
         Returns ``self``; the figure is ``self.figure`` (and is saved to ``path`` if given).
         """
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-
         self._require("reconstruct")
         panels = 3 if ground_truth is not None else 2
         fig, axes = plt.subplots(1, panels, figsize=figsize)
@@ -382,7 +402,11 @@ class DeepCDIReconstruction:
         axes[1].set_title("coverage (patch weight)")
         fig.colorbar(im, ax=axes[1], fraction=0.046)
         if ground_truth is not None:
-            im = axes[2].imshow(ground_truth, cmap=cmap, extent=[0, ground_truth.shape[1] * self.sampling[1], ground_truth.shape[0] * self.sampling[0], 0])
+            im = axes[2].imshow(
+                ground_truth,
+                cmap=cmap,
+                extent=[0, ground_truth.shape[1] * self.sampling[1], ground_truth.shape[0] * self.sampling[0], 0],
+            )
             axes[2].set_title("ground truth (rad)")
             fig.colorbar(im, ax=axes[2], fraction=0.046)
         for ax in axes:
@@ -390,8 +414,6 @@ class DeepCDIReconstruction:
         fig.tight_layout()
         self.figure = fig
         if path is not None:
-            from .io import atomic_path  # noqa: PLC0415
-
             with atomic_path(path) as tmp:
                 fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
         return self
@@ -401,8 +423,6 @@ class DeepCDIReconstruction:
 
         See :func:`py4dstem_deepcdi.comparison.compare_with_epie` for the arguments; returns a ``Comparison``.
         """
-        from .comparison import compare_with_epie  # noqa: PLC0415
-
         return compare_with_epie(self, **kwargs)
 
     def __repr__(self) -> str:
@@ -417,7 +437,9 @@ def read_reconstruction(path: str | Path) -> dict[str, Any]:
     """
     phase, metadata, arrays = read_result(path)
     if metadata.get("kind") != "py4dstem-deepcdi reconstruction":
-        raise ValueError(f"{path} holds a py4dstem-deepcdi result of kind {metadata.get('kind')!r}, not a reconstruction")
+        raise ValueError(
+            f"{path} holds a py4dstem-deepcdi result of kind {metadata.get('kind')!r}, not a reconstruction"
+        )
     return {"phase": phase, "sampling": tuple(metadata["sampling_A"]), "metadata": metadata, **arrays}
 
 
@@ -428,12 +450,10 @@ def reconstruct_deepcdi(self, energy: float, semiangle_cutoff: float, **kwargs) 
     ``reconstruct()``) and returns the finished reconstruction. The datacube is not modified.
     """
     reconstruct_kwargs = kwargs.pop("reconstruct_kwargs", {})
-    return DeepCDIReconstruction(self, energy, semiangle_cutoff, **kwargs).preprocess().reconstruct(**reconstruct_kwargs)
+    return (
+        DeepCDIReconstruction(self, energy, semiangle_cutoff, **kwargs).preprocess().reconstruct(**reconstruct_kwargs)
+    )
 
 
 def _register() -> None:
-    from py4DSTEM import DataCube  # noqa: PLC0415
-
     DataCube.reconstruct_deepcdi = reconstruct_deepcdi
-
-

@@ -1,7 +1,7 @@
 """Scan geometry: raster probe positions in the detector's frame and electrons per pattern.
 
-    positions = R(rotation) · [i·step_x, j·step_y] about the scan's centre, then (x, y) swapped if transposed
-    electrons per pattern = dose (e⁻/Å²) × step_x × step_y (Å²)
+positions = R(rotation) · [i·step_x, j·step_y] about the scan's centre, then (x, y) swapped if transposed
+electrons per pattern = dose (e⁻/Å²) × step_x × step_y (Å²)
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def scan_positions(
     x, y = np.meshgrid(np.arange(scan_shape[0]) * step_x, np.arange(scan_shape[1]) * step_y, indexing="ij")
     positions = np.stack([x.ravel(), y.ravel()], -1).astype(np.float64)
     if rotation_deg:
-        positions = np.asarray(AffineTransform(angle=np.deg2rad(rotation_deg))(positions, positions.mean(0)), np.float64)
+        positions = np.asarray(
+            AffineTransform(angle=np.deg2rad(rotation_deg))(positions, positions.mean(0)), np.float64
+        )
     if transpose:
         positions = np.flip(positions, 1)
     return positions

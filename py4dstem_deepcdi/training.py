@@ -18,18 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .backend import torch_device
-from .inference import bf16_supported
+from .encoding import conditioning_mask
 from .io import atomic_path
-from .models import DeepCDIModel
+from .models import DeepCDIModel, as_model
 from .network import ResUNet, count_parameters, load_widened
 from .probe import ProbeGeometry
-from .encoding import conditioning_mask
-from .simulation import StreamConfig, TrainingStream
+from .runtime import bf16_supported
+from .stream import StreamConfig, TrainingStream
 
 CHECKPOINT_FORMAT = "py4dstem-deepcdi-checkpoint"
 VALIDATION_WORKER = 10_000  # the validation set is drawn by a worker id no training run uses
@@ -39,7 +40,9 @@ L1_STAGE_PHASES = (0.1, 1.5)  # rad, peak-to-valley phases (uniform) of the firs
 RELATIVE_FLOOR = 0.01  # rad: the relative loss divides by max(mean |target|, this)
 
 
-def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, relative: bool = False) -> torch.Tensor:
+def masked_l1(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, relative: bool = False
+) -> torch.Tensor:
     """Per-sample mean |prediction − target| inside ``mask``, averaged over the batch (rad).
 
     ``prediction`` and ``target`` are (B, 1, N, N); ``mask`` is one (N, N) mask or one per sample (B, 1, N, N).
@@ -75,8 +78,7 @@ class TrainConfig:
         Total optimiser steps.
     loss
         ``"relative"`` (default: each sample's masked L1 divided by its target's mean |φ|, see :func:`masked_l1`; weak
-        objects weigh as much as strong ones; better on every case measured, docs/training.md) or ``"l1"`` (the
-        paper's masked L1 in rad).
+        objects weigh as much as strong ones) or ``"l1"`` (the paper's masked L1 in rad).
     optimizer
         ``"adam"`` (default: Adam, cosine learning-rate decay from ``lr`` to ``lr_final``) or ``"sgd"`` (the paper's
         tutorial: plain SGD, constant ``lr`` 1e-4, batch 16).
@@ -86,7 +88,7 @@ class TrainConfig:
         Network options (see :class:`ResUNet`).
     bf16
         bfloat16 autocast for the forward pass where it is native (CPUs with AVX512-BF16 or AMX, CUDA); float32
-        elsewhere (emulated bf16 on an AVX2-only CPU was measured 11× slower: 4.6 s vs 0.43 s per step).
+        elsewhere (emulated bf16 is many times slower, docs/training.md).
     val_size
         Samples in the fixed validation set.
     val_every, checkpoint_every
@@ -105,27 +107,42 @@ class TrainConfig:
         Fraction of the run (of its steps or of its ``max_minutes``, whichever runs out first, as the learning rate)
         trained first with the paper's loss on the paper's phases (masked L1 in rad, peak-to-valley phases drawn
         uniformly in ``L1_STAGE_PHASES`` rad) before ``loss`` and ``stream`` take over. None (default): 0.5 for a
-        run from scratch with the relative loss (which alone stays on its starting plateau, docs/training.md),
-        0 otherwise (a fine-tune, or the L1 already).
+        run from scratch with the relative loss (which alone stays on its starting plateau), 0 otherwise (a
+        fine-tune, or the L1 already).
     """
 
-    steps: int = 20_000
-    loss: str = "relative"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    lr_final: float = 2e-5
-    width: float = 1.0
-    depth: int = 4
-    dropout: float = 0.2
-    bf16: bool = True
-    val_size: int = 512
-    val_every: int = 500
-    checkpoint_every: int = 500
-    max_minutes: float | None = None
-    seed: int = 0
+    steps: int = field(default=20_000, metadata={"help": "optimiser steps"})
+    loss: str = field(
+        default="relative",
+        metadata={
+            "help": "masked L1 divided by each target's mean |phase| (relative) or in rad (l1, the paper's)",
+            "choices": ("l1", "relative"),
+        },
+    )
+    optimizer: str = field(default="adam", metadata={"help": "optimiser", "choices": ("adam", "sgd")})
+    lr: float = field(default=1e-3, metadata={"help": "initial learning rate"})
+    lr_final: float = field(default=2e-5, metadata={"help": "final learning rate (cosine decay)"})
+    width: float = field(default=1.0, metadata={"help": "network width multiplier (1 = the paper's)"})
+    depth: int = field(default=4, metadata={"help": "stride-2 levels (4 = the paper's)"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout after every stage"})
+    bf16: bool = field(default=True, metadata={"help": "train in float32 instead of bf16 autocast", "negate": "--fp32"})
+    val_size: int = field(default=512, metadata={"help": "samples in the fixed validation set"})
+    val_every: int = field(default=500, metadata={"help": "steps between validations"})
+    checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    max_minutes: float | None = field(default=None, metadata={"help": "stop cleanly after this many minutes"})
+    seed: int = field(default=0, metadata={"help": "seed of the data stream, initial weights and dropout"})
     stream: StreamConfig = field(default_factory=StreamConfig)
-    init_from: str | None = None
-    l1_stage: float | None = None
+    init_from: str | None = field(
+        default=None, metadata={"help": "start from this model's weights (file or shipped name)"}
+    )
+    l1_stage: float | None = field(
+        default=None,
+        metadata={
+            "help": "fraction of the run trained first with the paper's L1 on phases 0.1-1.5 rad "
+            "(default: 0.5 from scratch with the relative loss, else 0)",
+            "metavar": "FRACTION",
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.stream, dict):
@@ -152,15 +169,23 @@ class TrainConfig:
     @classmethod
     def paper(cls, **changes) -> TrainConfig:
         """The tutorial's recipe: SGD, learning rate 1e-4, batch 16, the L1 in rad."""
-        return cls(**{"optimizer": "sgd", "lr": 1e-4, "lr_final": 1e-4, "loss": "l1", "stream": StreamConfig(batch_size=16),
-                      **changes})
+        return cls(
+            **{
+                "optimizer": "sgd",
+                "lr": 1e-4,
+                "lr_final": 1e-4,
+                "loss": "l1",
+                "stream": StreamConfig(batch_size=16),
+                **changes,
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings."""
         return dataclasses.asdict(self)
 
     def progress(self, step: int, elapsed: float = 0.0) -> float:
-        """Fraction of the run done at ``step`` after ``elapsed`` s: of the steps or of the budget, whichever is more."""
+        """Fraction of the run done at ``step`` after ``elapsed`` s: of the steps or of the budget, the larger."""
         t = step / max(self.steps - 1, 1)
         if self.max_minutes:
             t = max(t, elapsed / (60 * self.max_minutes))
@@ -255,7 +280,9 @@ class Trainer:
         self.stream = TrainingStream(geometry, self.config.stream, seed=self.config.seed, device=str(self.device))
         self.l1_stream = None
         if self.config.l1_stage:
-            first = dataclasses.replace(self.config.stream, phase_max_range=L1_STAGE_PHASES, phase_max_sampling="uniform")
+            first = dataclasses.replace(
+                self.config.stream, phase_max_range=L1_STAGE_PHASES, phase_max_sampling="uniform"
+            )
             self.l1_stream = TrainingStream(geometry, first, seed=self.config.seed, device=str(self.device))
         self.network = ResUNet(self.config.width, self.config.depth, self.config.dropout, self.stream.in_channels)
         if self.config.loss == "relative" and not self.config.init_from and not self.config.l1_stage and not resuming:
@@ -293,8 +320,6 @@ class Trainer:
         return cls(geometry, TrainConfig(**config), checkpoint=checkpoint, device=device)
 
     def _warm_start(self, source: str) -> None:
-        from .models import as_model  # noqa: PLC0415
-
         model = as_model(source)
         mine, theirs = self.network.config(), model.network.config()
         if (mine["width"], mine["depth"]) != (theirs["width"], theirs["depth"]):
@@ -316,7 +341,11 @@ class Trainer:
         """The fixed validation samples (inputs, targets), drawn from a worker id no training run uses."""
         if self._validation is None:
             stream = TrainingStream(
-                self.geometry, self.config.stream, seed=self.config.seed, worker=VALIDATION_WORKER, device=str(self.device)
+                self.geometry,
+                self.config.stream,
+                seed=self.config.seed,
+                worker=VALIDATION_WORKER,
+                device=str(self.device),
             )
             xs, ys, index = [], [], 0
             while sum(len(x) for x in xs) < self.config.val_size:
@@ -335,7 +364,9 @@ class Trainer:
         predictions = []
         for start in range(0, len(x), 256):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
-                predictions.append(self.network(x[start : start + 256].contiguous(memory_format=torch.channels_last)).float())
+                predictions.append(
+                    self.network(x[start : start + 256].contiguous(memory_format=torch.channels_last)).float()
+                )
         self.network.train()
         p = torch.cat(predictions)
         mask = self.loss_mask(x)
@@ -425,7 +456,9 @@ class Trainer:
                 prediction = self.network(x.contiguous(memory_format=torch.channels_last))
             loss = masked_l1(prediction.float(), y, self.loss_mask(x), relative=config.loss == "relative" and not first)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.detach().item()} at step {self.step}; lower the learning rate")
+                raise FloatingPointError(
+                    f"training loss became {loss.detach().item()} at step {self.step}; lower the learning rate"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -465,7 +498,10 @@ class Trainer:
         metadata = {
             "name": name,
             "description": description,
-            "training_set": {**dataclasses.asdict(self.config.stream), "sources": "photos (scikit-image) + lattices + filtered noise"},
+            "training_set": {
+                **dataclasses.asdict(self.config.stream),
+                "sources": "photos (scikit-image) + lattices + filtered noise",
+            },
             "training": {
                 "steps": self.step,
                 "samples": self.step * self.config.stream.batch_size,
@@ -485,23 +521,26 @@ class Trainer:
         }
         if self.config.init_from:
             metadata["training"]["init_from"] = _lineage(self.config.init_from)
-            metadata["training"]["total_samples"] = (metadata["training"]["samples"]
-                                                     + metadata["training"]["init_from"].get("total_samples", 0))
+            metadata["training"]["total_samples"] = metadata["training"]["samples"] + metadata["training"][
+                "init_from"
+            ].get("total_samples", 0)
         return DeepCDIModel(network.eval(), self.geometry, metadata)
 
 
 def _lineage(source: str) -> dict[str, Any]:
     """What a warm start started from: the model's name and training record (its own lineage included), so that a
     fine-tuned model carries its whole training cost; just the source if it can no longer be read."""
-    from .models import as_model  # noqa: PLC0415
-
     try:
         metadata = as_model(source).metadata
     except (OSError, ValueError):
         return {"source": str(source)}
     training = metadata.get("training", {})
-    return {"source": str(source), "name": metadata.get("name"), "training": training,
-            "total_samples": training.get("total_samples", training.get("samples", 0))}
+    return {
+        "source": str(source),
+        "name": metadata.get("name"),
+        "training": training,
+        "total_samples": training.get("total_samples", training.get("samples", 0)),
+    }
 
 
 def plot_history(history: list[dict[str, float]], path: str | Path | None = None, loss: str = "l1"):
@@ -510,8 +549,6 @@ def plot_history(history: list[dict[str, float]], path: str | Path | None = None
     ``loss`` is the training loss (:class:`TrainConfig`) of records that do not name theirs: the relative loss has no
     unit and gets its own (right-hand) axis, the L1 (in rad, as the validation L1) the left one; a run with an
     ``l1_stage`` has both."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     samples = [h["samples"] for h in history]
     kinds = [h.get("loss", loss) for h in history]

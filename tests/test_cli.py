@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -6,18 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from py4dstem_deepcdi.cli import main
+from py4dstem_deepcdi.cli import build_parser, geometry_from_args, main, options_from_args
 from py4dstem_deepcdi.models import DeepCDIModel, load_model
 from py4dstem_deepcdi.network import ResUNet
+from py4dstem_deepcdi.probe import AberrationRanges, ProbeGeometry
 from py4dstem_deepcdi.reconstruction import read_reconstruction
+from py4dstem_deepcdi.stitching import StitchOptions
+from py4dstem_deepcdi.stream import StreamConfig
+from py4dstem_deepcdi.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    from py4dstem_deepcdi.probe import ProbeGeometry
-
     geometry = ProbeGeometry(300e3, 17.1, angular_sampling=2.0, aberrations={"C10": -100.0}, mask_threshold=0.1)
     path = tmp_path_factory.mktemp("m") / "tiny.pt"
     DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "tiny"}).save(path)
@@ -55,9 +58,11 @@ def test_simulate_reconstruct_info(tmp_path, model_file, capsys):
     core = tmp_path / "core.h5"
     assert main(["reconstruct", str(data), "--output", str(core), "--energy", "300e3", "--semiangle", "17.1",
                  "--C10", "-100", "--model", str(model_file), "--rotation", "0", "--no-transpose", "--quiet",
-                 "--precision", "fp32", "--stitch-fraction", "0.5", "--anchor-ramp"]) == 0
+                 "--precision", "fp32", "--stitch-fraction", "0.5", "--anchor-ramp", "--stitching", "relaxation",
+                 "--relaxation-sweeps", "5", "--min-overlap", "0.3"]) == 0
     stitching = read_reconstruction(core)["metadata"]["stitching"]
     assert stitching["stitch_fraction"] == 0.5
+    assert (stitching["method"], stitching["min_overlap"]) == ("relaxation", 0.3)
     assert stitching["anchor_ramp"] and len(stitching["ramp_removed_rad_per_A"]) == 2
     assert not result["metadata"]["stitching"]["anchor_ramp"]
     assert read_reconstruction(core)["coverage"].sum() < result["coverage"].sum()  # a smaller stitching mask
@@ -79,9 +84,7 @@ def test_reconstruct_errors_are_clear(tmp_path, model_file, capsys):
 def test_recover_probe_then_reconstruct_with_it(tmp_path, model_file, capsys):
     """`recover-probe` writes the aberrations (JSON) and a figure; `reconstruct --probe` uses them; a fixed-probe
     model is refused with the reason."""
-    import json
 
-    from py4dstem_deepcdi.probe import AberrationRanges, ProbeGeometry
 
     geometry = ProbeGeometry(300e3, 17.1, angular_sampling=2.0, aberrations={"C10": -100.0}, mask_threshold=0.1)
     ranges = AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
@@ -109,8 +112,6 @@ def test_recover_probe_then_reconstruct_with_it(tmp_path, model_file, capsys):
 
 
 def test_vacuum_probe_on_another_detector_is_resampled(tmp_path, geometry):
-    from py4dstem_deepcdi.cli import build_parser, geometry_from_args
-
     own = np.abs(geometry.probe_fourier) ** 2
     path = tmp_path / "vacuum.npy"
     np.save(path, np.repeat(np.repeat(own, 2, 0), 2, 1))  # 64×64 pixels of 1 mrad
@@ -134,3 +135,33 @@ def test_train_takes_the_l1_stage(tmp_path):
         assert load_model(out).metadata["training"]["l1_stage"] == expected
     history = json.loads((tmp_path / "m0.5.history.json").read_text())
     assert [h["loss"] for h in history] == ["l1", "l1", "relative", "relative"]
+
+
+@pytest.mark.parametrize("command, classes", [
+    ("train", (TrainConfig, StreamConfig, AberrationRanges)),
+    ("reconstruct", (StitchOptions,)),
+])
+def test_option_flags_take_their_defaults_from_the_dataclasses(command, classes):
+    """Each flag built from an options dataclass parses back, with no value given, to that class's defaults."""
+    argv = {"train": [command, "--output", "m.pt"],
+            "reconstruct": [command, "x.h5", "--output", "p.h5", "--energy", "3e5", "--semiangle", "17"]}[command]
+    args = build_parser().parse_args(argv)
+    for cls in classes:
+        parsed = cls(**options_from_args(cls, args))
+        default = cls()
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                assert getattr(parsed, f.name) == getattr(default, f.name), (cls.__name__, f.name)
+
+
+def test_train_flags_reach_the_configs():
+    args = build_parser().parse_args([
+        "train", "--output", "m.pt", "--fp32", "--lr", "3e-4", "--electrons", "100", "1e6", "--mix", "1", "0", "0",
+        "--batch-size", "32", "--C10-range", "-150", "-50", "--loss", "l1",
+    ])
+    config = TrainConfig(**options_from_args(TrainConfig, args))
+    assert (config.bf16, config.lr, config.loss) == (False, 3e-4, "l1")
+    stream = StreamConfig(**options_from_args(StreamConfig, args, exclude=("aberration_ranges",)))
+    assert stream.electrons_range == (100.0, 1e6) and stream.batch_size == 32
+    assert stream.mix == {"photos": 1.0, "lattice": 0.0, "noise": 0.0}
+    assert AberrationRanges(**options_from_args(AberrationRanges, args)).C10 == (-150.0, -50.0)

@@ -3,8 +3,10 @@
 import inspect
 import math
 
+import matplotlib
 import numpy as np
 import pytest
+from py4DSTEM.process.phase.utils import fourier_ring_correlation as p4_frc
 
 from py4dstem_deepcdi.frc import (
     FRCResult,
@@ -110,10 +112,7 @@ def test_known_resolution_of_a_low_pass_copy(rng):
 
 
 def test_agrees_with_py4dstem_without_apodisation(rng):
-    import matplotlib
-
     matplotlib.use("Agg")
-    from py4DSTEM.process.phase.utils import fourier_ring_correlation as p4_frc
 
     params = inspect.signature(p4_frc).parameters
     assert {"image_1", "image_2", "pixel_size", "bin_size", "plot_frc"} <= set(params)
@@ -193,8 +192,6 @@ def test_bad_inputs_raise(rng):
 
 
 def test_apodisation_dip_at_the_first_ring_is_passed_over():
-    from py4dstem_deepcdi.frc import FRCResult
-
     q = np.arange(6) * 0.1
     curve = np.array([np.nan, 0.3, 0.9, 0.8, 0.3, 0.1])
     res = FRCResult(q=q, frc=curve, half_bit=np.full(6, 0.2), n_per_ring=np.full(6, 50), pixel_size=(1.0, 1.0),

@@ -1,8 +1,21 @@
+import math
+
 import numpy as np
 import pytest
+import skimage.data
+import skimage.io
 import torch
+from scipy.ndimage import maximum_filter
 
-from py4dstem_deepcdi.images import LatticeSource, MixedSource, NoiseSource, PhotoSource, default_source
+from py4dstem_deepcdi.images import (
+    LatticeSource,
+    MixedSource,
+    NoiseSource,
+    PhotoSource,
+    _blur_matrices,
+    _lattice_sites,
+    default_source,
+)
 
 SAMPLING = (0.3076, 0.3076)
 
@@ -33,9 +46,6 @@ def test_photo_sampling_is_seeded(photos):
 
 
 def test_folder_source(tmp_path):
-    import skimage.data
-    import skimage.io
-
     skimage.io.imsave(tmp_path / "a.png", skimage.data.camera())
     skimage.io.imsave(tmp_path / "b.tif", skimage.data.coins())
     (tmp_path / "notes.txt").write_text("not an image")
@@ -62,8 +72,6 @@ def test_lattice_has_the_drawn_periodicity():
     assert x.shape == (64, 64, 64)
     # nearest-neighbour distance between atoms is at least ~0.8 a and at most a
     img = x[0].numpy()
-    from scipy.ndimage import maximum_filter
-
     peaks = np.argwhere((img == maximum_filter(img, size=5)) & (img > 0.5))
     d = np.sqrt(((peaks[:, None] - peaks[None]) ** 2).sum(-1)) * 0.2
     d[d == 0] = np.inf
@@ -82,10 +90,6 @@ def test_noise_and_mixture_weights():
 
 
 def test_blur_matrices_equal_the_fft_blur_of_the_padded_grid():
-    import math
-
-    from py4dstem_deepcdi.images import _blur_matrices
-
     g = torch.Generator().manual_seed(0)
     for grid, shape, sampling in [((46, 46), (32, 32), (0.3, 0.3)), ((45, 50), (31, 36), (0.2, 0.25))]:
         sigma = 0.15 + 0.35 * torch.rand(4, generator=g)
@@ -101,8 +105,6 @@ def test_blur_matrices_equal_the_fft_blur_of_the_padded_grid():
 
 
 def test_lattice_sites_are_exactly_the_sites_inside_the_rectangle():
-    from py4dstem_deepcdi.images import _lattice_sites
-
     g = torch.Generator().manual_seed(1)
     extent = (14.2, 11.7)
     n = 6

@@ -1,16 +1,17 @@
-"""Inference: BatchNorm folding, bf16, prediction (masking, de-meaning, batching, streaming), input checks, cache."""
+"""Inference: prediction (masking, de-meaning, batching, streaming), input checks, symmetries, its use of the cache."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from py4dstem_deepcdi import inference
-from py4dstem_deepcdi.inference import bf16_supported, fold_batchnorm_after, predict, predict_batches, prepare_network
+from py4dstem_deepcdi.inference import apply_symmetry, predict, predict_batches, probe_symmetries
 from py4dstem_deepcdi.models import DeepCDIModel
 from py4dstem_deepcdi.network import ResUNet
 from py4dstem_deepcdi.probe import ProbeGeometry
-from py4dstem_deepcdi.simulation import StreamConfig, TrainingStream
+from py4dstem_deepcdi.runtime import clear_cache, prepared_network
+from py4dstem_deepcdi.simulation import ForwardModel
+from py4dstem_deepcdi.stream import StreamConfig, TrainingStream
 
 WIDTH = 0.25
 
@@ -68,98 +69,6 @@ def _reference(network: nn.Module, x: np.ndarray) -> torch.Tensor:
         return network(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None])
 
 
-# ------------------------------------------------------------------------------------------------ folding
-@pytest.mark.parametrize("transpose", [False, True])
-def test_fold_batchnorm_after_conv_and_transposed_conv(transpose):
-    torch.manual_seed(1)
-    conv_type = nn.ConvTranspose2d if transpose else nn.Conv2d
-    extra = {"output_padding": 1} if transpose else {}
-    conv = conv_type(3, 5, 3, stride=2, padding=1, **extra)  # in != out: a wrong weight axis cannot pass
-    bn = nn.BatchNorm2d(5)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 2.0)
-        bn.bias.normal_()
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.2, 3.0)
-    bn.eval()
-    folded = fold_batchnorm_after(conv, bn)
-    x = torch.randn(4, 3, 8, 8)
-    with torch.no_grad():
-        expected = bn(conv(x))
-        got = folded(x)
-    assert folded is not conv and folded.weight is not conv.weight
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-
-
-def test_folded_fp32_equals_eval_network(network, amplitudes):
-    before = {k: v.clone() for k, v in network.state_dict().items()}
-    training, grads = network.training, [p.requires_grad for p in network.parameters()]
-    prepared = prepare_network(network, precision="fp32")
-    expected = _reference(network, amplitudes)
-    with torch.inference_mode():
-        got = prepared(torch.from_numpy(amplitudes)[:, None])
-    rel = float((got - expected).abs().max() / expected.abs().max())
-    print(f"folded fp32 vs eval network: max |diff| / max |out| = {rel:.2e}")
-    assert got.dtype == torch.float32 and got.shape == expected.shape
-    assert rel < 1e-5
-    # the caller's network is untouched: weights, statistics, mode, grad flags, module types
-    after = network.state_dict()
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert network.training == training and [p.requires_grad for p in network.parameters()] == grads
-    assert type(network.stem).__name__ == "ResidualBlock" and isinstance(network.drop, nn.Dropout)
-    # nothing is left to fold or drop out in the prepared copy
-    kinds = {type(m) for m in prepared.modules()}
-    assert nn.BatchNorm2d not in kinds and nn.Dropout not in kinds
-    assert not prepared.training and not any(p.requires_grad for p in prepared.parameters())
-
-
-def test_prepare_does_not_touch_a_training_mode_network():
-    torch.manual_seed(2)
-    net = ResUNet(width=WIDTH).train()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    prepare_network(net, precision="fp32")
-    assert net.training
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-
-
-@pytest.mark.skipif(not bf16_supported("cpu"), reason="no native bf16 on this CPU")
-@pytest.mark.parametrize("mode", ["weights", "autocast"])
-def test_bf16_close_to_fp32(network, amplitudes, mode):
-    fp32 = prepare_network(network, precision="fp32")
-    bf16 = prepare_network(network, precision="bf16", bf16_mode=mode)
-    x = torch.from_numpy(amplitudes)[:, None]
-    with torch.inference_mode():
-        a, b = fp32(x), bf16(x)
-    scale = float(a.abs().max())
-    rel_max = float((a - b).abs().max()) / scale
-    rel_mean = float((a - b).abs().mean()) / scale
-    print(f"bf16 ({mode}) vs fp32: max {rel_max:.2e}, mean {rel_mean:.2e} of max |output| {scale:.3f}")
-    assert b.dtype == torch.float32
-    assert 0 < rel_max < 0.05  # it does run in bf16 (not identical), and stays close (8-bit mantissa)
-    assert rel_mean < 0.01
-
-
-def test_bf16_falls_back_with_warning(network, monkeypatch):
-    monkeypatch.setattr(inference, "bf16_supported", lambda device="cpu": False)
-    with pytest.warns(RuntimeWarning, match="bfloat16"):
-        prepared = prepare_network(network, precision="bf16")
-    assert prepared.precision == "fp32" and next(prepared.parameters()).dtype == torch.float32
-
-
-def test_compile_failure_falls_back_to_eager(network, amplitudes, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(torch, "compile", broken)
-    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-        prepared = prepare_network(network, precision="fp32", compile=True)
-    assert not prepared.compiled
-    with torch.inference_mode():
-        got = prepared(torch.from_numpy(amplitudes[:4])[:, None])
-    assert torch.allclose(got, _reference(network, amplitudes[:4]), rtol=1e-5, atol=1e-5)
-
-
 def test_compile_failing_at_first_call_falls_back_to_eager(model, amplitudes, monkeypatch):
     calls = []
 
@@ -171,22 +80,16 @@ def test_compile_failing_at_first_call_falls_back_to_eager(model, amplitudes, mo
         return run
 
     monkeypatch.setattr(torch, "compile", lazy_broken)
-    inference.clear_cache(model)
+    clear_cache(model)
     with pytest.warns(RuntimeWarning, match="C\\+\\+ compile error"):
         got = predict(model, amplitudes[:5], precision="fp32", compile=True, batch_size=8)
     assert calls == [8]  # the short batch was padded to the compiled batch size
     expected = predict(model, amplitudes[:5], precision="fp32", batch_size=8)
     assert np.abs(got - expected).max() < 1e-6
-    prepared = model.__dict__[inference._CACHE_ATTRIBUTE][("fp32", "cpu", True)][1]
+    prepared = prepared_network(model, "fp32", "cpu", compile=True)
     assert not prepared.compiled  # sticky: no second attempt
 
 
-def test_bad_precision_is_rejected(network):
-    with pytest.raises(ValueError, match="precision"):
-        prepare_network(network, precision="fp16")
-
-
-# ------------------------------------------------------------------------------------------------ predict
 def test_predict_masks_and_demeans(model, amplitudes):
     mask = model.geometry.mask
     out = predict(model, amplitudes, precision="fp32", batch_size=8)
@@ -235,12 +138,11 @@ def test_predict_bf16_default_close_to_fp32(model, amplitudes):
 
 
 def test_prepared_network_is_cached_and_refreshed(model, amplitudes):
-    inference.clear_cache(model)
+    clear_cache(model)
     predict(model, amplitudes[:8], precision="fp32", batch_size=8)
-    cache = model.__dict__[inference._CACHE_ATTRIBUTE]
-    first = cache[("fp32", "cpu", False)][1]
+    first = prepared_network(model, "fp32", "cpu")
     predict(model, amplitudes[:8], precision="fp32", batch_size=8)
-    assert cache[("fp32", "cpu", False)][1] is first  # not refolded
+    assert prepared_network(model, "fp32", "cpu") is first  # not refolded
     # changing the weights in place (as load_state_dict or an optimiser step does) refolds
     network = ResUNet(width=WIDTH)
     _randomise_batchnorms(network, seed=5)
@@ -294,10 +196,10 @@ def test_bad_batch_size(model, amplitudes):
 @pytest.mark.slow
 def test_real_compile_matches_eager(model, amplitudes):
     """torch.compile for real (a minute or more on 2 cores): same phases as eager, padded last batch included."""
-    inference.clear_cache(model)
+    clear_cache(model)
     eager = predict(model, amplitudes, precision="fp32", batch_size=16)
     compiled = predict(model, amplitudes, precision="fp32", batch_size=16, compile=True)
-    prepared = model.__dict__[inference._CACHE_ATTRIBUTE][("fp32", "cpu", True)][1]
+    prepared = prepared_network(model, "fp32", "cpu", compile=True)
     assert prepared.compiled
     assert np.abs(compiled - eager).max() < 1e-4 * np.abs(eager).max()
 
@@ -306,9 +208,6 @@ def test_probe_symmetries_and_the_forward_model_commute(geometry):
     """A defocused round probe is invariant under the 8 symmetries of the square about (N//2, N//2); twofold
     astigmatism along axis 0 keeps the 4 reflections; coma fewer. Under a symmetry of the probe, turning the object
     turns its diffraction pattern the same way (the reason symmetrized prediction is exact physics)."""
-    from py4dstem_deepcdi.inference import apply_symmetry, probe_symmetries
-    from py4dstem_deepcdi.simulation import ForwardModel
-
     round_probe = geometry.replace(aberrations={"C10": -100.0})
     assert probe_symmetries(round_probe.probe) == list(range(8))
     assert probe_symmetries(geometry.replace(aberrations={"C10": -100.0, "C12": 20.0}).probe) == [0, 1, 2, 3]
@@ -319,18 +218,21 @@ def test_probe_symmetries_and_the_forward_model_commute(geometry):
     forward = ForwardModel(round_probe)
     phase = torch.rand(2, 32, 32) * 2
     for t in range(8):
-        torch.testing.assert_close(forward.intensity(apply_symmetry(phase, t)), apply_symmetry(forward.intensity(phase), t),
-                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            forward.intensity(apply_symmetry(phase, t)),
+            apply_symmetry(forward.intensity(phase), t),
+            atol=1e-6,
+            rtol=1e-4,
+        )
 
 
 def test_symmetrized_prediction_averages_the_turned_patterns(geometry):
-    from py4dstem_deepcdi.inference import apply_symmetry
-
     torch.manual_seed(0)
     round_geometry = geometry.replace(aberrations={"C10": -100.0})
     model = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), round_geometry, {})
     amplitudes = np.random.default_rng(0).random((5, 32, 32)).astype(np.float32)
-    plain = [predict(model, apply_symmetry(torch.from_numpy(amplitudes), t).numpy(), precision="fp32") for t in range(8)]
+    turned = [apply_symmetry(torch.from_numpy(amplitudes), t).numpy() for t in range(8)]
+    plain = [predict(model, a, precision="fp32") for a in turned]
     expected = np.mean([apply_symmetry(torch.from_numpy(p), t, inverse=True).numpy() for t, p in enumerate(plain)], 0)
     got = predict(model, amplitudes, precision="fp32", symmetrize=True)
     np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -1,10 +1,12 @@
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from py4dstem_deepcdi.models import DeepCDIModel, load_model
 from py4dstem_deepcdi.network import ResUNet
+from py4dstem_deepcdi.probe import AberrationRanges
 
 
 @pytest.fixture
@@ -35,8 +37,6 @@ def test_half_precision_file_is_smaller(tmp_path, geometry):
 
 
 def test_vacuum_probe_travels_with_the_model(tmp_path, model, geometry):
-    import numpy as np
-
     k = np.arange(32) - 16
     vacuum = (np.hypot(k[:, None], k[None, :]) < 7).astype(float)
     m = DeepCDIModel(model.network, geometry.replace(vacuum_probe_intensity=vacuum), {})
@@ -81,11 +81,11 @@ def test_model_for_another_geometry_is_refused(model, geometry):
 
 
 def test_probe_conditioned_model_file_and_compatibility(tmp_path, geometry):
-    from py4dstem_deepcdi.probe import AberrationRanges
-
     ranges = AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
     model = DeepCDIModel(
-        ResUNet(width=0.125, depth=2, in_channels=3).eval(), geometry, {"training_set": {"aberration_ranges": ranges.to_dict()}}
+        ResUNet(width=0.125, depth=2, in_channels=3).eval(),
+        geometry,
+        {"training_set": {"aberration_ranges": ranges.to_dict()}},
     )
     again = load_model(model.save(tmp_path / "c.pt"))
     assert again.conditioned and again.network.in_channels == 3 and again.aberration_ranges == ranges

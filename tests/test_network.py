@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from py4dstem_deepcdi.network import ResUNet, count_parameters
+from py4dstem_deepcdi.network import ResUNet, count_parameters, load_widened
 
 
 def test_paper_network_size_and_shape():
@@ -39,8 +39,6 @@ def test_bad_input_shapes():
 
 def test_probe_conditioned_network_and_widening():
     """A 3-channel network started from a 1-channel one computes exactly what it did, whatever the probe channels."""
-    from py4dstem_deepcdi.network import load_widened
-
     torch.manual_seed(0)
     fixed = ResUNet(width=0.25, depth=2).eval()
     for module in fixed.modules():  # non-trivial normalisation statistics

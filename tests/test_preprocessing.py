@@ -3,9 +3,9 @@ import py4DSTEM
 import pytest
 import torch
 
+from py4dstem_deepcdi.encoding import network_input
 from py4dstem_deepcdi.preprocessing import fit_disk_centres, preprocess, resample_patterns, resample_vacuum
 from py4dstem_deepcdi.probe import ProbeGeometry
-from py4dstem_deepcdi.encoding import network_input
 from py4dstem_deepcdi.simulation import simulate_dataset
 
 
@@ -94,7 +94,9 @@ def test_bad_inputs(dataset, geometry):
     negative = dataset.datacube.data.copy()
     negative[2, 3, 16, 16] = -500
     with pytest.raises(ValueError, match="negative counts"):
-        preprocess(negative, geometry, scan_step=0.3, angular_sampling=2.0, centre=False, rotation_deg=0, transpose=False)
+        preprocess(
+            negative, geometry, scan_step=0.3, angular_sampling=2.0, centre=False, rotation_deg=0, transpose=False
+        )
     with pytest.raises(ValueError, match="reaches only"):  # a detector too small for the model's angular range
         preprocess(dataset.datacube.data, geometry, scan_step=0.3, angular_sampling=1.0)
     with pytest.raises(ValueError, match="subsample"):

@@ -11,15 +11,25 @@ def test_sampling_relations(geometry):
     assert geometry.reciprocal_sampling == pytest.approx(2e-3 / 0.0196875, rel=1e-4)
     assert geometry.window_size[0] == pytest.approx(0.0196875 / 2e-3, rel=1e-4)
     assert geometry.sampling[0] == pytest.approx(geometry.window_size[0] / 32)
-    same = ProbeGeometry(300e3, 17.1, reciprocal_sampling=geometry.reciprocal_sampling, aberrations=geometry.aberrations)
+    same = ProbeGeometry(
+        300e3, 17.1, reciprocal_sampling=geometry.reciprocal_sampling, aberrations=geometry.aberrations
+    )
     assert same.angular_sampling == pytest.approx(2.0)
 
 
 def test_probe_matches_py4dstem_complexprobe(geometry):
-    direct = ComplexProbe(
-        energy=300e3, gpts=(32, 32), sampling=geometry.sampling, semiangle_cutoff=17.1, rolloff=2.0,
-        parameters={"C10": -100.0, "C12": 20.0, "phi12": 0.5},
-    ).build()._array
+    direct = (
+        ComplexProbe(
+            energy=300e3,
+            gpts=(32, 32),
+            sampling=geometry.sampling,
+            semiangle_cutoff=17.1,
+            rolloff=2.0,
+            parameters={"C10": -100.0, "C12": 20.0, "phi12": 0.5},
+        )
+        .build()
+        ._array
+    )
     np.testing.assert_allclose(geometry.probe, np.fft.fftshift(direct), atol=1e-6)
     assert np.sum(np.abs(geometry.probe) ** 2) == pytest.approx(1.0, rel=1e-6)
 
@@ -152,7 +162,9 @@ def test_compatibility_check_names_values(geometry):
     with pytest.raises(ValueError, match=r"energy \(eV\): model 300000 vs data 200000"):
         geometry.check_compatible(geometry.replace(energy=200e3))
     with pytest.raises(ValueError, match="detector_shape"):
-        geometry.check_compatible(ProbeGeometry(300e3, 17.1, (64, 64), angular_sampling=2.0, aberrations=geometry.aberrations))
+        geometry.check_compatible(
+            ProbeGeometry(300e3, 17.1, (64, 64), angular_sampling=2.0, aberrations=geometry.aberrations)
+        )
     with pytest.raises(ValueError, match="C10"):
         geometry.check_compatible(geometry.replace(aberrations={**geometry.aberrations, "C10": -60.0}))
 

@@ -1,14 +1,19 @@
 """Probe ranges, Cartesian parameters, the probe-conditioned pieces and the probe search."""
 
+import dataclasses
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
+from py4dstem_deepcdi.inference import predict
 from py4dstem_deepcdi.models import DeepCDIModel
 from py4dstem_deepcdi.network import ResUNet
 from py4dstem_deepcdi.probe import AberrationRanges, from_cartesian, to_cartesian
 from py4dstem_deepcdi.probe_recovery import (
     OverlapLoss,
+    RecoveryOptions,
     aberration_errors,
     fit_probe_aberrations,
     neighbour_pairs,
@@ -119,7 +124,8 @@ def _exact_patches(geometry, positions_px, offsets):
     """Masked patches of a smooth random object cut at integer pixel positions, each with an added offset."""
     n = geometry.detector_shape[0]
     rng = np.random.default_rng(2)
-    obj = np.fft.ifft2(np.fft.fft2(rng.standard_normal((96, 96))) * np.exp(-np.add.outer(*(np.fft.fftfreq(96) ** 2,) * 2) * 400)).real
+    low_pass = np.exp(-np.add.outer(*(np.fft.fftfreq(96) ** 2,) * 2) * 400)
+    obj = np.fft.ifft2(np.fft.fft2(rng.standard_normal((96, 96))) * low_pass).real
     obj /= obj.std()
     out = []
     for (px, py), c in zip(positions_px, offsets):
@@ -137,7 +143,8 @@ def test_overlap_loss_zero_for_consistent_patches_and_positive_otherwise(conditi
     masks = torch.as_tensor(geometry.mask, dtype=torch.float32)[None]
 
     def run(positions, p):
-        loss = OverlapLoss(conditioned, np.zeros((4, 32, 32)), positions * np.array(geometry.sampling), pairs, precision="fp32")
+        positions_a = positions * np.array(geometry.sampling)
+        loss = OverlapLoss(conditioned, np.zeros((4, 32, 32)), positions_a, pairs, precision="fp32")
         monkeypatch.setattr(loss, "patches", lambda geometries: (p[None].expand(len(geometries), -1, -1, -1), masks))
         return float(loss(np.zeros((1, 7)))[0])
 
@@ -148,7 +155,8 @@ def test_overlap_loss_zero_for_consistent_patches_and_positive_otherwise(conditi
 
 def test_overlap_loss_penalises_no_overlap(conditioned, geometry, monkeypatch):
     positions_px = np.array([[0, 0], [0, 30]])  # masks do not overlap
-    loss = OverlapLoss(conditioned, np.zeros((2, 32, 32)), positions_px * np.array(geometry.sampling), np.array([[0, 1]]))
+    positions = positions_px * np.array(geometry.sampling)
+    loss = OverlapLoss(conditioned, np.zeros((2, 32, 32)), positions, np.array([[0, 1]]))
     assert float(loss(to_cartesian(geometry.aberrations)[None])[0]) == 1.0
 
 
@@ -160,8 +168,6 @@ def test_overlap_loss_runs_the_network_on_each_candidate(conditioned, geometry):
     candidates = RANGES.sample(2, rng)
     geometries = loss.geometries(candidates)
     patches, masks = loss.patches(geometries)
-    from py4dstem_deepcdi.inference import predict
-
     for t, g in enumerate(geometries):
         expected = predict(conditioned, amplitudes, precision="fp32", geometry=g)
         np.testing.assert_allclose(patches[t].numpy(), expected, atol=2e-5)
@@ -183,14 +189,18 @@ def test_search_finds_the_minimum_of_a_known_loss(small_recon, monkeypatch):
     target = np.array([-75.0, 10.0, -12.0, 120.0, 50.0, -100.0, 80.0])
     scale = np.array([30, 12, 12, 150, 150, 150, 150])
     monkeypatch.setattr(OverlapLoss, "__call__", lambda self, v: (np.abs((np.atleast_2d(v) - target) / scale)).sum(1))
-    result = recover_probe(small_recon, initial={"C10": -110.0}, n_pairs=20, n_iterations=60, n_trials=30, progress=False)
+    result = recover_probe(
+        small_recon, initial={"C10": -110.0}, n_pairs=20, n_iterations=60, n_trials=30, progress=False
+    )
     errors = aberration_errors(result.aberrations, from_cartesian(target))
     assert abs(errors["C10"]) < 3 and errors["C12"] < 3 and errors["C21"] < 40 and errors["C23"] < 40, errors
     assert result.loss < result.initial_loss and np.all(np.diff(result.history) <= 0)
     assert result.trial_losses.shape == (60, 30) and result.evaluations == 1 + 60 * 30
     fig = result.visualize()
     assert len(fig.axes) >= 5
-    only_defocus = recover_probe(small_recon, initial={"C10": -110.0}, n_iterations=5, n_trials=4, search=("C10",), progress=False)
+    only_defocus = recover_probe(
+        small_recon, initial={"C10": -110.0}, n_iterations=5, n_trials=4, search=("C10",), progress=False
+    )
     assert only_defocus.aberrations["C12"] == 0 and only_defocus.aberrations["C21"] == 0
 
 
@@ -224,3 +234,36 @@ def test_recover_probe_bad_input(small_recon, conditioned, geometry):
         recover_probe(small_recon.datacube, conditioned)
     with pytest.raises(ValueError, match="training ranges|was trained for probes"):
         DeepCDIReconstruction(small_recon.datacube, 300e3, 17.1, model=conditioned, C10=-10.0)
+
+
+def test_recovery_options_defaults_help_and_checks():
+    """The search keywords of recover_probe take their defaults from RecoveryOptions, each field has a help line,
+    and bad settings are refused when the options are built."""
+    signature = inspect.signature(recover_probe)
+    for f in dataclasses.fields(RecoveryOptions):
+        assert signature.parameters[f.name].default == f.default, f.name
+        assert f.metadata["help"], f.name
+    options = RecoveryOptions(n_pairs=5.0, search=["C10"])
+    assert options.n_pairs == 5 and options.search == ("C10",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.n_pairs = 3
+    for bad, match in [
+        ({"n_iterations": 0}, "n_iterations"),
+        ({"search": ("C30",)}, "search names"),
+        ({"final_radius": 0.0}, "final_radius"),
+        ({"pair_distance": -1.0}, "pair_distance"),
+        ({"precision": "fp16"}, "precision"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            RecoveryOptions(**bad)
+
+
+def test_recover_probe_records_its_settings(small_recon):
+    result = recover_probe(
+        small_recon, initial={"C10": -90.0}, n_pairs=6, n_iterations=2, n_trials=2, pair_distance=0.6,
+        search=("C10",), precision="fp32", progress=False,
+    )  # fmt: skip
+    settings = result.settings
+    assert settings["n_pairs"] == len(result.pairs) <= 6 and settings["pair_distance_A"] == 0.6
+    assert settings["stride_steps"] == 2 and settings["search"] == ["C10"] and settings["precision"] == "fp32"
+    assert settings["ranges"] == RANGES.to_dict()

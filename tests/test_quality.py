@@ -1,12 +1,20 @@
 """The shipped model's image quality on datasets simulated by the package (ground truth known)."""
 
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from py4dstem_deepcdi.comparison import score_reconstruction
 from py4dstem_deepcdi.models import list_pretrained, load_pretrained
+from py4dstem_deepcdi.probe import AberrationRanges
 from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
 from py4dstem_deepcdi.simulation import simulate_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from quality import random_object  # noqa: E402  (bench/quality.py: the smooth random objects of its draws)
 
 #: correlation with the ground truth the shipped model must reach on a simulated lattice (see docs/models.md)
 MIN_CORRELATION = 0.9
@@ -33,8 +41,6 @@ def test_shipped_model_is_listed_with_its_metadata(model):
 def test_shipped_probe_conditioned_model_serves_probes_in_its_ranges():
     """The conditioned model takes the probe as input: it reconstructs a lattice scanned with a probe other than its
     reference (C10 −75 Å, astigmatism, coma) to the quality bar, and refuses probes outside its ranges."""
-    from py4dstem_deepcdi.probe import AberrationRanges
-
     conditioned = load_pretrained("hbn-300kv-17mrad-probe")
     assert conditioned.conditioned
     assert conditioned.aberration_ranges == AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
@@ -89,14 +95,6 @@ def test_more_cases(model, sim, options):
 def test_smooth_random_object_with_symmetrized_patches(model, seed):
     """The non-lattice case: a smooth random object (bench/quality.py's draws 0-2) reaches the bar when every patch
     is averaged over the probe's 8 symmetries (without: 0.884 / 0.894 / 0.932, see docs/models.md)."""
-    import sys
-    from pathlib import Path
-
-    import numpy as np
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from quality import random_object
-
     g = model.geometry
     extent = int(np.ceil(40 * 0.25 / g.sampling[0])) + g.detector_shape[0] + 8
     ds = simulate_dataset(g, scan_shape=(40, 40), scan_step=0.25, dose=1.6e6, seed=1,

@@ -41,7 +41,9 @@ def test_centre_of_mass_is_the_probe_weighted_gradient_of_any_thin_object(geomet
         assert np.corrcoef(truth[:, axis], measured[:, axis])[0, 1] > 0.97
     # amplitudes (the network input) give the same gradients as intensities
     np.testing.assert_allclose(
-        com_phase_gradients(np.sqrt(patterns), np.abs(geometry.probe_fourier) ** 2, amplitudes=True), measured, atol=1e-12
+        com_phase_gradients(np.sqrt(patterns), np.abs(geometry.probe_fourier) ** 2, amplitudes=True),
+        measured,
+        atol=1e-12,
     )
 
 
@@ -61,7 +63,10 @@ def test_probe_weighted_gradients_match_a_direct_sum(rng):
         g0 = d0[top : top + 7, left : left + 8]
         g1 = d1[top : top + 8, left : left + 7]
         ok0, ok1 = np.isfinite(g0), np.isfinite(g1)
-        expected = [(np.where(ok0, g0, 0) * w0).sum() / (w0 * ok0).sum(), (np.where(ok1, g1, 0) * w1).sum() / (w1 * ok1).sum()]
+        expected = [
+            (np.where(ok0, g0, 0) * w0).sum() / (w0 * ok0).sum(),
+            (np.where(ok1, g1, 0) * w1).sum() / (w1 * ok1).sum(),
+        ]
         if valid[j]:
             np.testing.assert_allclose(gradients[j], expected, rtol=1e-9, atol=1e-12)
     assert valid.tolist() == [True, True, True, False]  # the last probe lies partly on the NaN rows

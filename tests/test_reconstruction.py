@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import py4DSTEM
 import pytest
@@ -5,6 +7,8 @@ import pytest
 import py4dstem_deepcdi  # noqa: F401  (registers DataCube.reconstruct_deepcdi)
 from py4dstem_deepcdi.models import DeepCDIModel
 from py4dstem_deepcdi.network import ResUNet
+from py4dstem_deepcdi.probe import ProbeGeometry
+from py4dstem_deepcdi.ramp import com_phase_gradients, probe_weighted_gradients
 from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction, read_reconstruction
 from py4dstem_deepcdi.simulation import simulate_dataset
 
@@ -134,7 +138,6 @@ def test_stitch_fraction_and_centring_options(dataset, tiny_model):
 def test_ramp_is_anchored_to_the_centres_of_mass(dataset, tiny_model):
     """The anchored image differs from the stitched one by a plane, and its scan-averaged |P|²-weighted gradient
     equals the one the patterns' centres of mass measure."""
-    from py4dstem_deepcdi.ramp import com_phase_gradients, probe_weighted_gradients
 
     kept = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32", anchor_ramp=False)
     recon = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32", anchor_ramp=True)
@@ -157,9 +160,7 @@ def test_ramp_is_anchored_to_the_centres_of_mass(dataset, tiny_model):
 
 def test_vacuum_probe_on_the_data_detector_is_checked_against_the_model(dataset, geometry):
     """A vacuum pattern on the data's own (finer) detector is resampled and compared with the model's aperture."""
-    import warnings
 
-    from py4dstem_deepcdi.probe import ProbeGeometry
 
     def finer(pattern):  # 2 mrad pixels split into four 1 mrad pixels
         return np.repeat(np.repeat(pattern, 2, -2), 2, -1) / 4

@@ -4,13 +4,18 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from py4dstem_deepcdi import training
-from py4dstem_deepcdi.simulation import StreamConfig
+from py4dstem_deepcdi.models import DeepCDIModel
+from py4dstem_deepcdi.network import ResUNet
+from py4dstem_deepcdi.probe import AberrationRanges
+from py4dstem_deepcdi.stream import StreamConfig
 from py4dstem_deepcdi.training import TrainConfig, Trainer, _lineage, masked_correlation, masked_l1, plot_history
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +163,6 @@ def test_checkpoint_mismatch_and_corruption(tmp_path, geometry):
 def test_l1_stage_defaults_and_warning(geometry):
     """The relative loss stalls from scratch (measured): a run from scratch first trains with the paper's L1; a
     fine-tune or an L1 run does not; turning the stage off from scratch warns."""
-    import warnings
 
     assert TrainConfig().resolved().l1_stage == 0.5
     assert TrainConfig(init_from="hbn-300kv-17mrad").resolved().l1_stage == 0.0
@@ -209,8 +213,6 @@ def test_l1_stage_survives_resume(tmp_path, geometry):
 
 def test_checkpoint_carries_the_vacuum_pattern(tmp_path, geometry):
     """A run trained with a vacuum pattern can be rebuilt from its checkpoint alone and refuses another pattern."""
-    import numpy as np
-
     own = np.abs(geometry.probe_fourier) ** 2
     vacuum = geometry.replace(vacuum_probe_intensity=own)
     Trainer(vacuum, small_config(steps=2), checkpoint=tmp_path / "v.ckpt").train(progress=False)
@@ -267,8 +269,6 @@ def test_masked_losses_with_one_mask_per_sample():
 def test_fine_tuned_model_carries_its_lineage(tmp_path, geometry):
     """A warm-started model records what it started from, with that model's own training, so the total cost adds up
     over a chain of fine-tunes; a source that is gone is still named."""
-    from py4dstem_deepcdi.models import DeepCDIModel
-    from py4dstem_deepcdi.network import ResUNet
 
     base = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "base", "training": {"samples": 100}})
     base_path = base.save(tmp_path / "base.pt")
@@ -290,9 +290,6 @@ def test_fine_tuned_model_carries_its_lineage(tmp_path, geometry):
 def test_probe_conditioned_training_from_a_fixed_model(tmp_path, geometry):
     """A conditioned run warm-started from a fixed-probe model begins with that model's predictions, trains with
     per-sample masks, exports a conditioned model and resumes from its checkpoint."""
-    from py4dstem_deepcdi.models import DeepCDIModel
-    from py4dstem_deepcdi.network import ResUNet
-    from py4dstem_deepcdi.probe import AberrationRanges
 
     fixed = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "fixed"})
     fixed_path = fixed.save(tmp_path / "fixed.pt")

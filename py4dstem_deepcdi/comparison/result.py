@@ -1,0 +1,214 @@
+"""The result of a comparison: images, scores and timings, its text summary, figure and EMD file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import read_result, save_result
+from ._json import plain
+from .epie import EPIEResult
+from .figure import comparison_figure, save_figure
+from .metrics import format_resolution
+
+#: the ``kind`` stored in a comparison file's metadata
+KIND = "py4dstem-deepcdi comparison"
+
+
+@dataclass
+class Comparison:
+    """Deep CDI against ePIE on the common field of view.
+
+    Attributes
+    ----------
+    deep_phase, epie_phase
+        Phase images (rad) on the deep-CDI grid over the common field of view, offset (and ramp) removed.
+    truth_phase
+        The ground truth on the same grid (or None).
+    sampling
+        Pixel size (Å) of the images.
+    box
+        The common field of view as deep-CDI canvas pixels ``(r0, r1, c0, c1)`` (half-open).
+    frc
+        ``image_frc(deep_phase, epie_phase)``: ``q`` (Å⁻¹), ``frc``, ``half_bit``, ``resolution_A``.
+    correlation
+        Pearson correlation of the two phase images.
+    timings
+        Seconds: ``deep_cdi_s`` (inference + stitching), ``deep_cdi_preprocess_s``, ``epie_s``, ``epie_preprocess_s``;
+        ``epie_over_deep_cdi`` (speed ratio), ``positions``, ``epie_iterations``.
+    registration
+        ``shift_px`` (the sub-pixel shift of the ePIE image found by registration, canvas pixels), ``applied``,
+        ``max_shift_px``.
+    vs_truth
+        ``{"deep_cdi": scores, "epie": scores}`` (see :func:`~.metrics.score_against_truth`), or None.
+    epie_truth_correlation
+        ePIE's correlation with the truth after every iteration (when stored), else None.
+    epie_iterations_to_match
+        First ePIE iteration whose correlation with the truth reaches deep CDI's (None: never, or not measured).
+    adf, adf_info
+        Virtual ADF image of the same datacube (scan frame) and its detector geometry.
+    epie
+        The :class:`~.epie.EPIEResult`.
+    remove_ramp
+        Whether a linear ramp was removed from every image.
+    scan_step
+        Scan step (Å) of the ADF image's pixels (after subsampling); default (1, 1).
+    figure
+        The last figure drawn by :meth:`visualize` (None before).
+    """
+
+    deep_phase: np.ndarray
+    epie_phase: np.ndarray
+    truth_phase: np.ndarray | None
+    sampling: tuple[float, float]
+    box: tuple[int, int, int, int]
+    frc: dict[str, Any]
+    correlation: float
+    timings: dict[str, float]
+    registration: dict[str, Any]
+    vs_truth: dict[str, dict[str, Any]] | None
+    epie_truth_correlation: list[float] | None
+    epie_iterations_to_match: int | None
+    adf: np.ndarray | None
+    adf_info: dict[str, Any]
+    epie: EPIEResult
+    remove_ramp: bool
+    scan_step: tuple[float, float] = (1.0, 1.0)
+    figure: Any = None
+
+    @property
+    def resolution_A(self) -> dict[str, float]:
+        """FRC resolutions (Å) between the two methods at the 0.5, 0.143 and half-bit thresholds."""
+        return self.frc["resolution_A"]
+
+    def summary(self) -> dict[str, Any]:
+        """All numbers (JSON-able): resolutions Å, correlation, timings s, registration, scores against the truth."""
+        out: dict[str, Any] = {
+            "field_of_view_px": [self.deep_phase.shape[0], self.deep_phase.shape[1]],
+            "field_of_view_A": [n * s for n, s in zip(self.deep_phase.shape, self.sampling)],
+            "sampling_A": list(self.sampling),
+            "frc_resolution_A": dict(self.resolution_A),
+            "correlation": self.correlation,
+            "remove_ramp": self.remove_ramp,
+            "timings": dict(self.timings),
+            "registration": dict(self.registration),
+            "epie": self.epie.summary(),
+        }
+        if self.vs_truth is not None:
+            out["vs_truth"] = {
+                method: {k: v for k, v in scores.items() if k != "frc"} for method, scores in self.vs_truth.items()
+            }
+            out["epie_iterations_to_match"] = self.epie_iterations_to_match
+        return plain(out)
+
+    def _truth_lines(self) -> list[str]:
+        lines = []
+        for method, label in (("deep_cdi", "deep CDI"), ("epie", "ePIE")):
+            s = self.vs_truth[method]
+            lines.append(
+                f"  {label} vs truth: correlation {s['correlation']:.3f}, RMS {s['rms_rad']:.3g} rad, "
+                f"phase scale {s['phase_scale']:.3g}, "
+                f"FRC {format_resolution(s['resolution_A']['0.143'], self.sampling)} (0.143)"
+            )
+        if self.epie_truth_correlation is not None:
+            match = self.epie_iterations_to_match
+            lines.append(
+                f"  ePIE reaches deep CDI's correlation with the truth after "
+                f"{match if match is not None else f'more than {len(self.epie_truth_correlation)}'} iterations"
+            )
+        return lines
+
+    def __repr__(self) -> str:
+        r, t, s = self.resolution_A, self.timings, self.sampling
+        h, w = self.deep_phase.shape
+        lines = [
+            f"Comparison(deep CDI vs ePIE, {self.epie.num_iter} iterations; common field of view "
+            f"{h}×{w} px = {h * s[0]:.1f}×{w * s[1]:.1f} Å{', ramp removed' if self.remove_ramp else ''})",
+            f"  FRC resolution: {format_resolution(r['0.5'], s)} (0.5), {format_resolution(r['0.143'], s)} "
+            f"(0.143), {format_resolution(r['half_bit'], s)} (half-bit); phase correlation {self.correlation:.3f}",
+            f"  time: deep CDI {t['deep_cdi_s']:.3g} s (inference + stitching), ePIE {t['epie_s']:.3g} s "
+            f"({t['epie_over_deep_cdi']:.3g}× slower) for {t['positions']} positions",
+            f"  registration shift {np.round(self.registration['shift_px'], 2).tolist()} px "
+            f"({'applied' if self.registration['applied'] else 'not applied'})",
+        ]
+        if self.vs_truth is not None:
+            lines += self._truth_lines()
+        return "\n".join(lines)
+
+    def visualize(
+        self,
+        inset: tuple[float, float, float] | None = None,
+        cmap: str = "magma",
+        figsize: tuple[float, float] | None = None,
+        path: str | Path | None = None,
+    ):
+        """The paper's figure (see :func:`~.figure.comparison_figure`): both phase images on one colour scale,
+        magnified views of the same region, the FRC with the 0.5/0.143/half-bit thresholds and the resolutions
+        in Å, the virtual ADF.
+
+        ``inset`` is ``(row Å, column Å, size Å)`` from the top-left of the common field of view (default: the
+        central third; ``ValueError`` if it does not fit). Returns the matplotlib Figure (also ``self.figure``;
+        written atomically to ``path`` at 150 dpi if given).
+        """
+        fig = comparison_figure(self, inset=inset, cmap=cmap, figsize=figsize)
+        self.figure = fig
+        if path is not None:
+            save_figure(fig, path, dpi=150)
+        return fig
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """The child arrays of the file, by name."""
+        arrays: dict[str, np.ndarray] = {
+            "epie_phase_rad": self.epie_phase,
+            "frc_q_per_A": np.asarray(self.frc["q"]),
+            "frc": np.asarray(self.frc["frc"]),
+            "frc_half_bit": np.asarray(self.frc["half_bit"]),
+            "epie_error": np.asarray(self.epie.error_history),
+        }
+        if self.truth_phase is not None:
+            arrays["truth_phase_rad"] = self.truth_phase
+            for method in ("deep_cdi", "epie"):
+                f = self.vs_truth[method]["frc"]
+                arrays[f"frc_truth_{method}_q_per_A"] = np.asarray(f["q"])
+                arrays[f"frc_truth_{method}"] = np.asarray(f["frc"])
+        if self.epie_truth_correlation is not None:
+            arrays["epie_truth_correlation"] = np.asarray(self.epie_truth_correlation)
+        if self.adf is not None:
+            arrays["adf"] = self.adf
+        return arrays
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write an EMD 1.0 file: the deep-CDI phase (root image, rad), the ePIE/truth images, FRC curves, ADF and
+        ePIE error history as child arrays, every number and timing as metadata. Atomic; an existing file is kept
+        unless ``overwrite`` (``FileExistsError``). Read it back with :func:`read_comparison`."""
+        metadata = {
+            "kind": KIND,
+            "summary": self.summary(),
+            "box_px": list(self.box),
+            "adf_info": self.adf_info,
+            "scan_step_A": list(self.scan_step),
+            "epie_parameters": self.epie.parameters,
+        }
+        return save_result(path, self.deep_phase, metadata, self._arrays(), overwrite=overwrite)
+
+
+def read_comparison(path: str | Path) -> dict[str, Any]:
+    """Read a file written by :meth:`Comparison.save`: ``deep_phase`` (rad), ``sampling`` (Å), ``summary``,
+    ``metadata`` and every stored array by name.
+
+    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is not a comparison.
+    """
+    phase, metadata, arrays = read_result(path)
+    if metadata.get("kind") != KIND:
+        raise ValueError(f"{path} holds a py4dstem-deepcdi result of kind {metadata.get('kind')!r}, not a comparison")
+    summary = metadata["summary"]
+    return {
+        "deep_phase": phase,
+        "sampling": tuple(summary["sampling_A"]),
+        "summary": summary,
+        "metadata": metadata,
+        **arrays,
+    }
