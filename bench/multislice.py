@@ -130,20 +130,10 @@ def make(out: Path, seed: int, datasets: list[str] | None = None) -> None:
         x, y = np.meshgrid(start[0] + STEP * np.arange(SCAN), start[1] + STEP * np.arange(SCAN), indexing="ij")
         positions = np.stack([x.ravel(), y.ravel()], -1)
         np.savez_compressed(
-            out / f"{name}.npz",
-            counts=counts,
-            angular_sampling_mrad=pixel,
-            scan_step_A=STEP,
-            energy_eV=ENERGY,
-            semiangle_mrad=SEMIANGLE,
-            C10_A=C10,
-            dose=DOSE,
-            vacuum=vacuum,
-            truth_phase=phase_bl.astype(np.float32),
-            truth_sampling_A=sampling,
-            truth_positions_A=positions,
-            thickness_A=float(atoms.cell[2, 2]),
-            abtem_version=abtem.__version__,
+            out / f"{name}.npz", counts=counts, angular_sampling_mrad=pixel, scan_step_A=STEP, energy_eV=ENERGY,
+            semiangle_mrad=SEMIANGLE, C10_A=C10, dose=DOSE, vacuum=vacuum, truth_phase=phase_bl.astype(np.float32),
+            truth_sampling_A=sampling, truth_positions_A=positions, thickness_A=float(atoms.cell[2, 2]),
+            abtem_version=abtem.__version__
         )
         print(
             f"{name}: {counts.shape} patterns of {pixel:.4g} mrad, truth phase "
@@ -355,15 +345,8 @@ def resimulate(
             )
             recon = (
                 DeepCDIReconstruction(
-                    ds.datacube,
-                    g.energy,
-                    g.semiangle_cutoff,
-                    model=loaded,
-                    rotation_deg=0.0,
-                    transpose=False,
-                    verbose=False,
-                    vacuum_probe_intensity=g.vacuum_probe_intensity,
-                    **g.aberrations,
+                    ds.datacube, g.energy, g.semiangle_cutoff, model=loaded, rotation_deg=0.0, transpose=False,
+                    verbose=False, vacuum_probe_intensity=g.vacuum_probe_intensity, **g.aberrations
                 )
                 .preprocess()
                 .reconstruct(progress=False, **reconstruct)

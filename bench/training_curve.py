@@ -64,14 +64,8 @@ def main() -> None:
         ds = simulate_dataset(g, scan_shape=(40, 40), scan_step=0.25, dose=1.6e6, seed=1)
         lattice = (
             DeepCDIReconstruction(
-                ds.datacube,
-                g.energy,
-                g.semiangle_cutoff,
-                model=model,
-                rotation_deg=0,
-                transpose=False,
-                verbose=False,
-                **g.aberrations,
+                ds.datacube, g.energy, g.semiangle_cutoff, model=model, rotation_deg=0, transpose=False,
+                verbose=False, **g.aberrations
             )
             .preprocess()
             .reconstruct()

@@ -242,19 +242,9 @@ def _reconstruction_from_args(args: argparse.Namespace, probe=None):
     datacube, _ = _read_datacube(args.input)
     aberrations = {name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}
     return DeepCDIReconstruction(
-        datacube,
-        energy=args.energy,
-        semiangle_cutoff=args.semiangle,
-        model=args.model,
-        device=args.device,
-        scan_step=args.step,
-        angular_sampling=args.angular_sampling,
-        rotation_deg=args.rotation,
-        transpose=args.transpose,
-        subsample=args.subsample,
-        verbose=not args.quiet,
-        probe=probe,
-        **aberrations,
+        datacube, energy=args.energy, semiangle_cutoff=args.semiangle, model=args.model, device=args.device,
+        scan_step=args.step, angular_sampling=args.angular_sampling, rotation_deg=args.rotation,
+        transpose=args.transpose, subsample=args.subsample, verbose=not args.quiet, probe=probe, **aberrations
     )
 
 
@@ -326,13 +316,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{args.step}² Å²)"
     )
     recon = DeepCDIReconstruction(
-        ds.datacube,
-        geometry.energy,
-        geometry.semiangle_cutoff,
-        model=model,
-        rotation_deg=0.0,
-        transpose=False,
-        **geometry.aberrations,
+        ds.datacube, geometry.energy, geometry.semiangle_cutoff, model=model, rotation_deg=0.0, transpose=False,
+        **geometry.aberrations
     )
     recon.preprocess().reconstruct()
     comparison = compare_with_epie(recon, num_iter=args.epie_iters, ground_truth=ds)

@@ -1,3 +1,4 @@
+import comparison_cases
 import numpy as np
 import pytest
 import torch
@@ -22,3 +23,31 @@ def geometry():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ------------------------------------------------------------------ shared cases of the comparison tests
+@pytest.fixture(scope="module")
+def geom():
+    """The comparison tests' geometry (tests/comparison_cases.py)."""
+    return comparison_cases.geometry()
+
+
+@pytest.fixture(scope="module")
+def ds():
+    """The comparison tests' simulated scan (built once per session)."""
+    return comparison_cases.dataset()
+
+
+@pytest.fixture(scope="module")
+def recon():
+    """The comparison tests' finished deep-CDI reconstruction (built once per session)."""
+    return comparison_cases.finished_reconstruction()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the tiny networks of some tests gain nothing from a second, which mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,8 +9,6 @@ import torch
 from comparison_cases import (
     EPIE_ITERATIONS,
     comparison,
-    dataset,
-    finished_reconstruction,
     geometry,
     oracle,
     reconstruction,
@@ -20,16 +18,6 @@ from py4dstem_deepcdi.comparison import Comparison, compare_with_epie, run_epie,
 from py4dstem_deepcdi.simulation import simulate_dataset
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return dataset()
-
-
-@pytest.fixture(scope="module")
-def recon():
-    return finished_reconstruction()
 
 
 def test_oracle_reconstruction_aligns_with_epie_and_truth(recon, ds):

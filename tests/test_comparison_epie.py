@@ -6,28 +6,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from comparison_cases import EPIE_ITERATIONS, comparison, dataset, finished_reconstruction, geometry, reconstruction
+from comparison_cases import EPIE_ITERATIONS, comparison, reconstruction
 
 from py4dstem_deepcdi.comparison import compare_with_epie
 from py4dstem_deepcdi.comparison.epie import EPIEDivergenceError, EPIEOptions, EPIEResult, run_epie
 from py4dstem_deepcdi.simulation import simulate_dataset
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def geom():
-    return geometry()
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return dataset()
-
-
-@pytest.fixture(scope="module")
-def recon():
-    return finished_reconstruction()
 
 
 # ------------------------------------------------------------------------------------------------ options

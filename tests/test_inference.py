@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from networks import random_network, randomise_batchnorms
 from torch import nn
 
 from py4dstem_deepcdi.inference import apply_symmetry, predict, predict_batches, probe_symmetries
@@ -14,30 +15,7 @@ from py4dstem_deepcdi.simulation import ForwardModel
 from py4dstem_deepcdi.stream import StreamConfig, TrainingStream
 
 WIDTH = 0.25
-
-
-def _randomise_batchnorms(network: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN: random affine parameters, then running statistics from a few training-mode forwards."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in network.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
-                module.momentum = 0.5
-        network.train()
-        for _ in range(4):
-            network(1.5 * torch.rand(16, 1, 32, 32, generator=generator) + 0.3)
-    network.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these networks are tiny, and on a shared 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +25,7 @@ def geometry_small():
 
 @pytest.fixture(scope="module")
 def network():
-    torch.manual_seed(0)
-    net = ResUNet(width=WIDTH)
-    _randomise_batchnorms(net)
-    return net
+    return random_network(WIDTH)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +120,7 @@ def test_prepared_network_is_cached_and_refreshed(model, amplitudes):
     assert prepared_network(model, "fp32", "cpu") is first  # not refolded
     # changing the weights in place (as load_state_dict or an optimiser step does) refolds
     network = ResUNet(width=WIDTH)
-    _randomise_batchnorms(network, seed=5)
+    randomise_batchnorms(network, seed=5)
     changed = DeepCDIModel(network, model.geometry)
     before = predict(changed, amplitudes[:8], precision="fp32", batch_size=8)
     with torch.no_grad():

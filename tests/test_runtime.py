@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from networks import random_network
 from torch import nn
 
 from py4dstem_deepcdi import runtime
@@ -18,44 +19,17 @@ from py4dstem_deepcdi.runtime import (
 )
 
 WIDTH = 0.25
-
-
-def _randomise_batchnorms(network: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN: random affine parameters, then running statistics from a few training-mode forwards."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in network.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
-                module.momentum = 0.5
-        network.train()
-        for _ in range(4):
-            network(1.5 * torch.rand(16, 1, 32, 32, generator=generator) + 0.3)
-    network.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these networks are tiny, and on a shared 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def network():
-    torch.manual_seed(0)
-    net = ResUNet(width=WIDTH)
-    _randomise_batchnorms(net)
-    return net
+    return random_network(WIDTH)
 
 
 def _reference(network: nn.Module, x: np.ndarray) -> torch.Tensor:
     with torch.no_grad():
         return network(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None])
-
 
 
 @pytest.fixture(scope="module")

@@ -96,15 +96,8 @@ def overlap_geometry(xp, mask, min_overlap: float, dtype) -> OverlapGeometry:
     overlap = hit / counts[None, :].astype(np.float64)
     gradients = _gradient_weights(mask_h, coords, hit)
     return OverlapGeometry(
-        h=h,
-        w=w,
-        area=area,
-        shifts=shifts,
-        neg=neg,
-        lut=lut,
-        overlap=xp.asarray(overlap.astype(dtype)),
-        gradients=xp.asarray(gradients.astype(dtype)),
-        clique=_clique(qualifies),
+        h=h, w=w, area=area, shifts=shifts, neg=neg, lut=lut, overlap=xp.asarray(overlap.astype(dtype)),
+        gradients=xp.asarray(gradients.astype(dtype)), clique=_clique(qualifies)
     )
 
 
