@@ -78,6 +78,12 @@ class DeepCDIModel:
         ranges = self.metadata.get("training_set", {}).get("aberration_ranges")
         return AberrationRanges.from_dict(ranges) if self.conditioned and ranges else None
 
+    @property
+    def electrons_range(self) -> tuple[float, float] | None:
+        """The electrons per pattern the network was trained on, (min, max); None when the file does not say."""
+        trained = self.metadata.get("training_set", {}).get("electrons_range")
+        return (float(trained[0]), float(trained[1])) if trained else None
+
     def check_compatible(self, geometry: ProbeGeometry, **tolerances) -> None:
         """Raise ``ValueError`` (naming both values) if ``geometry`` differs from the model's beyond tolerance.
 

@@ -20,6 +20,7 @@ from py4DSTEM import DataCube
 
 from .backend import asnumpy, get_array_module, torch_device
 from .comparison import compare_with_epie
+from .dose import dose_warning
 from .inference import predict
 from .io import atomic_path, read_result, save_result
 from .models import DeepCDIModel, as_model
@@ -191,6 +192,9 @@ class DeepCDIReconstruction:
         self.data = preprocess(self.datacube, self.model.geometry, **self._options)
         self.timings["preprocess_s"] = time.perf_counter() - start
         self._check_bright_field()
+        message = dose_warning(self.data.electrons_per_pattern, self.model.electrons_range)
+        if message:
+            warnings.warn(message, stacklevel=2)
         if self.verbose:
             d = self.data
             print(

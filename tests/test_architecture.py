@@ -12,7 +12,7 @@ LAYERS = {
     # 0: array backends, files, version
     "_version": 0, "backend": 0, "io": 0, "seeds": 0, "pretrained": 0,
     # 1: leaf concepts: geometry, encoding, sampling, objects, the network, FRC
-    "planes": 1, "probe": 1, "scan": 1, "encoding": 1, "poisson": 1, "images": 1, "network": 1, "frc": 1,
+    "planes": 1, "probe": 1, "scan": 1, "encoding": 1, "poisson": 1, "images": 1, "network": 1, "frc": 1, "dose": 1,
     # 2: physics and data preparation
     "simulation": 2, "runtime": 2, "preprocessing": 2,
     # 3: training data, model files, the network pass, the pieces of an image
