@@ -10,6 +10,7 @@ from comparison_cases import comparison, finished_reconstruction
 
 from py4dstem_deepcdi.comparison import compare_with_epie, read_comparison
 from py4dstem_deepcdi.comparison.figure import inset_box
+from py4dstem_deepcdi.comparison.result import CONVERGED_WITHIN
 
 matplotlib.use("Agg")
 
@@ -72,3 +73,18 @@ def test_read_refuses_another_result(tmp_path):
     path = recon.save(tmp_path / "recon.h5")
     with pytest.raises(ValueError, match="not a comparison"):
         read_comparison(path)
+
+
+def test_epie_speed_is_quoted_at_its_converged_iteration_count():
+    """The honest ratio: ePIE's time for the fewest iterations within CONVERGED_WITHIN of its best correlation."""
+    c = comparison()
+    correlations = c.epie_truth_correlation
+    assert len(correlations) == c.timings["epie_iterations"]
+    best = max(correlations)
+    k = min(i + 1 for i, v in enumerate(correlations) if v >= best - CONVERGED_WITHIN)
+    assert c.epie_converged_iterations == k
+    assert c.epie_converged_s == pytest.approx(c.timings["epie_s"] * k / len(correlations))
+    assert f"ePIE converged after {k} iteration" in repr(c)
+    summary = c.summary()
+    assert summary["epie_converged_iterations"] == k
+    assert summary["epie_converged_s"] == pytest.approx(c.epie_converged_s)
