@@ -21,7 +21,7 @@ from .io import atomic_path, read_result
 from .models import as_model, list_pretrained, load_model
 from .preprocessing import resample_vacuum
 from .probe import POLAR_NAMES, AberrationRanges, ProbeGeometry
-from .probe_recovery import recover_probe
+from .probe_recovery import RecoveryOptions, recover_probe
 from .reconstruction import DeepCDIReconstruction
 from .simulation import simulate_dataset
 from .stitching import StitchOptions
@@ -43,6 +43,10 @@ def _value_type(hint) -> type:
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         return _value_type(args[0])
     return typing.get_origin(hint) or hint
+
+
+#: RecoveryOptions set elsewhere on the command line (--precision) or only from Python (ranges, search)
+RECOVERY_NOT_ON_CLI = ("ranges", "search", "precision")
 
 
 def _dest(cls, name: str) -> str:
@@ -256,14 +260,8 @@ def cmd_recover_probe(args: argparse.Namespace) -> int:
     args.model = model
     recon = _reconstruction_from_args(args, probe=reference)
     result = recover_probe(
-        recon,
-        initial=None if args.random_start else reference,
-        n_pairs=args.pairs,
-        n_iterations=args.iterations,
-        n_trials=args.trials,
-        seed=args.seed,
-        precision=args.precision,
-        progress=not args.quiet,
+        recon, initial=None if args.random_start else reference, precision=args.precision, progress=not args.quiet,
+        **options_from_args(RecoveryOptions, args, exclude=RECOVERY_NOT_ON_CLI),
     )
     with atomic_path(args.output) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=1))
@@ -435,15 +433,12 @@ def _recover_probe_parser(sub) -> None:
     p.add_argument(
         "--output", type=Path, required=True, help="JSON file for the recovered aberrations and loss history"
     )
-    p.add_argument("--pairs", type=int, default=100, help="pairs of neighbouring positions compared")
-    p.add_argument("--iterations", type=int, default=50, help="search iterations")
-    p.add_argument("--trials", type=int, default=30, help="random candidates per iteration")
+    add_options(p.add_argument_group("search (RecoveryOptions)"), RecoveryOptions, exclude=RECOVERY_NOT_ON_CLI)
     p.add_argument(
         "--random-start",
         action="store_true",
         help="start from a random probe (default: the given aberrations, else the model's reference)",
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", type=Path, default=None, help="also write the figure (probes, loss curve)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_recover_probe)

@@ -305,9 +305,9 @@ class RecoveryOptions:
         outside (0, 1], ``pair_distance`` is not a positive distance or ``precision`` is unknown.
     """
 
-    n_pairs: int = field(default=100, metadata={"help": "pairs of neighbouring positions compared"})
-    n_iterations: int = field(default=50, metadata={"help": "search iterations"})
-    n_trials: int = field(default=30, metadata={"help": "random candidates evaluated per iteration"})
+    n_pairs: int = field(default=100, metadata={"help": "pairs of neighbouring positions compared", "flag": "--pairs"})
+    n_iterations: int = field(default=50, metadata={"help": "search iterations", "flag": "--iterations"})
+    n_trials: int = field(default=30, metadata={"help": "random candidates per iteration", "flag": "--trials"})
     ranges: AberrationRanges | None = field(
         default=None, metadata={"help": "search ranges (default the model's training ranges; must lie inside them)"}
     )

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from py4dstem_deepcdi.cli import build_parser, geometry_from_args, main, options_from_args
+from py4dstem_deepcdi.cli import RECOVERY_NOT_ON_CLI, build_parser, geometry_from_args, main, options_from_args
 from py4dstem_deepcdi.models import DeepCDIModel, load_model
 from py4dstem_deepcdi.network import ResUNet
 from py4dstem_deepcdi.probe import AberrationRanges, ProbeGeometry
+from py4dstem_deepcdi.probe_recovery import RecoveryOptions
 from py4dstem_deepcdi.reconstruction import read_reconstruction
 from py4dstem_deepcdi.stitching import StitchOptions
 from py4dstem_deepcdi.stream import StreamConfig
@@ -140,14 +141,16 @@ def test_train_takes_the_l1_stage(tmp_path):
 @pytest.mark.parametrize("command, classes", [
     ("train", (TrainConfig, StreamConfig, AberrationRanges)),
     ("reconstruct", (StitchOptions,)),
+    ("recover-probe", (RecoveryOptions,)),
 ])
 def test_option_flags_take_their_defaults_from_the_dataclasses(command, classes):
     """Each flag built from an options dataclass parses back, with no value given, to that class's defaults."""
     argv = {"train": [command, "--output", "m.pt"],
-            "reconstruct": [command, "x.h5", "--output", "p.h5", "--energy", "3e5", "--semiangle", "17"]}[command]
+            "reconstruct": [command, "x.h5", "--output", "p.h5", "--energy", "3e5", "--semiangle", "17"],
+            "recover-probe": [command, "x.h5", "--output", "p.json", "--energy", "3e5", "--semiangle", "17"]}[command]
     args = build_parser().parse_args(argv)
     for cls in classes:
-        parsed = cls(**options_from_args(cls, args))
+        parsed = cls(**options_from_args(cls, args, exclude=RECOVERY_NOT_ON_CLI if cls is RecoveryOptions else ()))
         default = cls()
         for f in dataclasses.fields(cls):
             if "help" in f.metadata:
