@@ -9,6 +9,7 @@ on the common field of view (correlation, RMS after scale and offset, phase scal
 
     python bench/dose_sweep.py --data runs/multislice --datasets hbn_monolayer mos2_monolayer srtio3_8A --threads 1
     python bench/dose_sweep.py --simulated --threads 1     # the package's own lattice (no abTEM files needed)
+    python bench/dose_sweep.py --no-epie --model runs/dose/hbn-dose.pt    # another model, deep CDI alone
 
 The abTEM files come from ``bench/multislice.py make``; ``--model`` takes a shipped name or a .pt file, and
 ``--anchor-ramp`` / ``--stitch-fraction`` / ``--symmetrize`` set deep CDI's options.
@@ -26,7 +27,7 @@ import numpy as np
 import py4DSTEM
 import torch
 
-from py4dstem_deepcdi.comparison import compare_with_epie
+from py4dstem_deepcdi.comparison import compare_with_epie, score_reconstruction
 from py4dstem_deepcdi.dose import thin_counts
 from py4dstem_deepcdi.models import as_model
 from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
@@ -86,6 +87,11 @@ def sweep_one(counts, calibration, truth, setup, model, doses, iterations, optio
             t0 = time.perf_counter()
             recon.preprocess().reconstruct(progress=False, **options)
         deep_s = time.perf_counter() - t0
+        if not iterations:  # deep CDI alone, on its own field of view
+            rows.append({"electrons": dose, "deep_cdi": _scores(score_reconstruction(recon, truth)),
+                         "deep_cdi_s": round(deep_s, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         runs = {}
         for k in iterations:
             c = compare_with_epie(recon, num_iter=k, ground_truth=truth, adf=False, progress=False,
@@ -111,7 +117,11 @@ def table(results: dict[str, list[dict]]) -> str:
     ]
     for name, rows in results.items():
         for r in rows:
-            d, e = r["deep_cdi"], r["epie"]
+            d, e = r["deep_cdi"], r.get("epie")
+            if e is None:
+                lines.append(f"| {name} | {r['electrons']:.0e} | {d['corr']:.3f} | {d['rms_rad']:.4f} | "
+                             f"{d['scale']:.2f} | {r['deep_cdi_s']:.1f} | – | – | – | – |")
+                continue
             lines.append(f"| {name} | {r['electrons']:.0e} | {d['corr']:.3f} | {d['rms_rad']:.4f} | {d['scale']:.2f} | "
                          f"{r['deep_cdi_s']:.1f} | {e['corr']:.3f} ({r['epie_iterations']}) | {e['rms_rad']:.4f} | "
                          f"{e['scale']:.2f} | {r['epie_s']:.1f} |")
@@ -127,6 +137,7 @@ def main() -> None:
     parser.add_argument("--model", default="hbn-300kv-17mrad", help="shipped model name or .pt file")
     parser.add_argument("--doses", type=float, nargs="+", default=DOSES, help="electrons per pattern")
     parser.add_argument("--epie-iters", type=int, nargs="+", default=EPIE_ITERATIONS, help="ePIE counts tried")
+    parser.add_argument("--no-epie", action="store_true", help="deep CDI alone (scored on its own field of view)")
     parser.add_argument("--anchor-ramp", action="store_true")
     parser.add_argument("--stitch-fraction", type=float, default=None)
     parser.add_argument("--symmetrize", action="store_true")
@@ -140,7 +151,8 @@ def main() -> None:
     results = {}
     for name, counts, calibration, truth, setup in cases:
         print(f"{name}: {counts.shape}, {counts.sum((-2, -1)).mean():.3g} e⁻/pattern", flush=True)
-        results[name] = sweep_one(counts, calibration, truth, setup, model, args.doses, args.epie_iters, options)
+        iterations = () if args.no_epie else args.epie_iters
+        results[name] = sweep_one(counts, calibration, truth, setup, model, args.doses, iterations, options)
     if not results:
         raise SystemExit(f"no datasets in {args.data}: make them with bench/multislice.py make, or pass --simulated")
     args.out.parent.mkdir(parents=True, exist_ok=True)
