@@ -34,6 +34,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure to ``path`` atomically (format from the suffix, default PNG), ``dpi`` default 120."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    return path
+
+
 RESULT_NAME = "deepcdi_phase"
 METADATA_NAME = "deepcdi"
 

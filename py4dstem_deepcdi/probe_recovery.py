@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .backend import torch_device
 from .encoding import probe_channels, remove_mask_mean
-from .io import atomic_path
+from .io import save_figure
 from .models import as_model
 from .probe import CARTESIAN_NAMES, AberrationRanges, ProbeGeometry, from_cartesian, to_cartesian
 from .reconstruction import DeepCDIReconstruction
@@ -128,8 +128,7 @@ class ProbeRecovery:
         axes[4].legend(fontsize=8)
         fig.tight_layout()
         if path is not None:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+            save_figure(fig, path)
         return fig
 
     def to_dict(self) -> dict[str, Any]:

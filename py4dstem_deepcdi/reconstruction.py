@@ -22,7 +22,7 @@ from .backend import asnumpy, get_array_module, torch_device
 from .comparison import compare_with_epie
 from .dose import dose_warning
 from .inference import predict
-from .io import atomic_path, read_result, save_result
+from .io import read_result, save_figure, save_result
 from .models import DeepCDIModel, as_model
 from .preprocessing import PreprocessedData, preprocess, resample_vacuum
 from .probe import ProbeGeometry, normalise_aberrations, vacuum_pattern
@@ -418,8 +418,7 @@ class DeepCDIReconstruction:
         fig.tight_layout()
         self.figure = fig
         if path is not None:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+            save_figure(fig, path)
         return self
 
     def compare_with_epie(self, **kwargs):

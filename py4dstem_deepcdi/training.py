@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .backend import torch_device
 from .encoding import conditioning_mask
-from .io import atomic_path
+from .io import atomic_path, save_figure
 from .models import DeepCDIModel, as_model
 from .network import ResUNet, count_parameters, load_widened
 from .probe import ProbeGeometry
@@ -574,6 +574,5 @@ def plot_history(history: list[dict[str, float]], path: str | Path | None = None
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     fig.tight_layout()
     if path is not None:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+        save_figure(fig, path)
     return fig

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
@@ -11,7 +10,6 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ..io import atomic_path
 from .metrics import format_resolution
 
 if TYPE_CHECKING:
@@ -145,10 +143,3 @@ def comparison_figure(
     fig.suptitle(_title(comparison), fontsize=10)
     return fig
 
-
-def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write ``fig`` to ``path`` atomically (format from the suffix, default PNG) at ``dpi`` (default 150)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-    return path

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from ..io import read_result, save_result
+from ..io import read_result, save_figure, save_result
 from ._json import plain
 from .epie import EPIEResult
-from .figure import comparison_figure, save_figure
+from .figure import comparison_figure
 from .metrics import format_resolution
 
 #: the ``kind`` stored in a comparison file's metadata
