@@ -29,20 +29,19 @@ from .stream import StreamConfig
 from .training import TrainConfig, Trainer, plot_history
 
 
-# ---------------------------------------------------------------------------------------------- options from
-# dataclasses
+# ------------------------------------------------------------------------------- options from dataclasses
 def _field_default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory()
 
 
-def _value_type(hint) -> type:
-    """The argument type of a field annotation: ``float | None`` → float, ``tuple[float, float]`` → tuple."""
+def _not_optional(hint):
+    """A field annotation without its ``| None``: ``tuple[float, float] | None`` → ``tuple[float, float]``."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
-        return _value_type(args[0])
-    return typing.get_origin(hint) or hint
+        return args[0]
+    return hint
 
 
 #: RecoveryOptions set elsewhere on the command line (--precision) or only from Python (ranges, search)
@@ -66,17 +65,18 @@ def add_options(parser, cls, exclude: Iterable[str] = ()) -> None:
         meta = f.metadata
         if "help" not in meta or f.name in exclude:
             continue
-        default = _field_default(f)
-        kind = _value_type(hints[f.name])
-        kwargs = {"dest": _dest(cls, f.name), "default": default, "help": f"{meta['help']} (default: %(default)s)"}
         if "negate" in meta:
             parser.add_argument(meta["negate"], action="store_false", dest=_dest(cls, f.name), help=meta["help"])
             continue
+        default = _field_default(f)
+        hint = _not_optional(hints[f.name])
+        kind = typing.get_origin(hint) or hint
+        kwargs = {"dest": _dest(cls, f.name), "default": default, "help": f"{meta['help']} (default: %(default)s)"}
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
-            item = typing.get_args(typing.get_args(hints[f.name])[0] if default is None else hints[f.name])
+            item = typing.get_args(hint)
             kwargs.update(nargs=len(item), type=item[0], metavar=meta.get("metavar", ("MIN", "MAX")))
         elif kind is dict:
             kwargs.update(nargs=len(default), type=float, metavar=tuple(k.upper() for k in default))

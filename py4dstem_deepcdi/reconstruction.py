@@ -294,7 +294,7 @@ class DeepCDIReconstruction:
         self.patches = predict(
             self.model, self.data.amplitudes, batch_size=batch_size, precision=precision, device=self.device,
             progress=progress, geometry=self.probe_geometry, symmetrize=symmetrize,
-        )  # fmt: skip
+        )
         self.timings["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
         positions_px = self.data.positions / np.array(self.sampling)
