@@ -24,13 +24,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import py4DSTEM
 import torch
 
 from py4dstem_deepcdi.comparison import compare_with_epie, score_reconstruction
 from py4dstem_deepcdi.dose import thin_counts
 from py4dstem_deepcdi.models import as_model
 from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
+from py4dstem_deepcdi.scan import calibrated_datacube
 from py4dstem_deepcdi.simulation import simulate_dataset
 
 DOSES = (1e2, 3e2, 1e3, 3e3, 1e4, 1e5)
@@ -60,15 +60,6 @@ def _simulated_case(model, scan: int):
     yield "simulated lattice", ds.datacube.data, calibration, ds, setup
 
 
-def _datacube(counts: np.ndarray, calibration: tuple[float, float]) -> py4DSTEM.DataCube:
-    dc = py4DSTEM.DataCube(data=counts)
-    dc.calibration.set_R_pixel_size(calibration[0])
-    dc.calibration.set_R_pixel_units("A")
-    dc.calibration.set_Q_pixel_size(calibration[1])
-    dc.calibration.set_Q_pixel_units("mrad")
-    return dc
-
-
 def _scores(s: dict) -> dict:
     return {"corr": round(s["correlation"], 4), "rms_rad": round(s["rms_rad"], 4), "scale": round(s["phase_scale"], 3)}
 
@@ -79,9 +70,8 @@ def sweep_one(counts, calibration, truth, setup, model, doses, iterations, optio
     rows = []
     for dose in [d for d in doses if d <= own * 1.05]:  # the nominal dose of data that lost a few electrons
         thinned = thin_counts(counts, min(dose / own, 1.0), rng=int(dose))
-        recon = DeepCDIReconstruction(
-            _datacube(thinned, calibration), model=model, rotation_deg=0.0, transpose=False, verbose=False, **setup
-        )
+        datacube = calibrated_datacube(thinned, *calibration)
+        recon = DeepCDIReconstruction(datacube, model=model, rotation_deg=0.0, transpose=False, verbose=False, **setup)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the dose warning is the point of the sweep
             t0 = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import py4DSTEM
 from py4DSTEM.process.phase.utils import AffineTransform
 
 
@@ -43,3 +44,16 @@ def scan_positions(
     if transpose:
         positions = np.flip(positions, 1)
     return positions
+
+
+def calibrated_datacube(data: np.ndarray, scan_step: float, angular_sampling: float) -> py4DSTEM.DataCube:
+    """A py4DSTEM DataCube of ``data`` (Rx, Ry, Qx, Qy) with its scan step (Å) and detector pixel (mrad) set.
+
+    The array is used as it is (not copied).
+    """
+    datacube = py4DSTEM.DataCube(data=data)
+    datacube.calibration.set_R_pixel_size(float(scan_step))
+    datacube.calibration.set_R_pixel_units("A")
+    datacube.calibration.set_Q_pixel_size(float(angular_sampling))
+    datacube.calibration.set_Q_pixel_units("mrad")
+    return datacube

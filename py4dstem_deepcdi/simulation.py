@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import py4DSTEM
 import torch
 
 from .backend import torch_device
@@ -28,7 +27,7 @@ from .encoding import remove_mask_mean
 from .images import LatticeSource
 from .poisson import poisson
 from .probe import ProbeGeometry
-from .scan import electrons_per_pattern, scan_positions
+from .scan import calibrated_datacube, electrons_per_pattern, scan_positions
 from .seeds import seed_for
 
 
@@ -202,7 +201,7 @@ def simulate_dataset(
     generator = torch.Generator(device=model.device).manual_seed(seed_for(seed, 12345)) if noise else None
     data = _scan_counts(model, phase, positions_px, n_electrons, generator, batch_size)
     return SimulatedDataset(
-        datacube=_datacube(data.reshape(*scan_shape, n0, n1), step, geometry.angular_sampling),
+        datacube=calibrated_datacube(data.reshape(*scan_shape, n0, n1), step[0], geometry.angular_sampling),
         phase=phase,
         sampling=sampling,
         positions=positions_px * sampling,
@@ -238,16 +237,6 @@ def _scan_counts(
         counts = poisson(expected, generator) if generator is not None else expected
         data[start : start + len(pos)] = counts.cpu().numpy()
     return data
-
-
-def _datacube(data: np.ndarray, step: tuple[float, float], angular_sampling: float) -> py4DSTEM.DataCube:
-    """A py4DSTEM DataCube of ``data`` (Rx, Ry, N, N), R calibrated in Å (``step[0]``), Q in mrad."""
-    datacube = py4DSTEM.DataCube(data=data)
-    datacube.calibration.set_R_pixel_size(float(step[0]))
-    datacube.calibration.set_R_pixel_units("A")
-    datacube.calibration.set_Q_pixel_size(float(angular_sampling))
-    datacube.calibration.set_Q_pixel_units("mrad")
-    return datacube
 
 
 def _object_for_scan(

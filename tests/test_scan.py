@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from py4dstem_deepcdi.scan import electrons_per_pattern, scan_positions
+from py4dstem_deepcdi.scan import calibrated_datacube, electrons_per_pattern, scan_positions
 
 
 def test_electrons_per_pattern_and_bad_doses():
@@ -22,3 +22,11 @@ def test_scan_positions_rotation():
     np.testing.assert_allclose(r[1] - r[0], [0.5, 0], atol=1e-6)
     t = scan_positions((3, 4), 0.5, transpose=True)
     np.testing.assert_allclose(t[1] - t[0], [0.5, 0])
+
+
+def test_calibrated_datacube_carries_step_and_detector_pixel():
+    data = np.zeros((2, 3, 4, 4), dtype=np.float32)
+    dc = calibrated_datacube(data, 0.25, 1.5)
+    assert dc.data is data
+    assert dc.calibration.get_R_pixel_size() == pytest.approx(0.25) and dc.calibration.get_R_pixel_units() == "A"
+    assert dc.calibration.get_Q_pixel_size() == pytest.approx(1.5) and dc.calibration.get_Q_pixel_units() == "mrad"

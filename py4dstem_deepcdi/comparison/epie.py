@@ -24,7 +24,7 @@ import py4DSTEM
 from ..backend import asnumpy
 from ..preprocessing import datacube_array, detector_sampling, real_space_step
 from ..probe import vacuum_pattern
-from ..scan import scan_positions
+from ..scan import calibrated_datacube, scan_positions
 from ._json import jsonable, plain
 from .inputs import is_reconstruction, reconstruction_vacuum, scan_patterns, subsample_of
 
@@ -279,12 +279,7 @@ def _private_datacube(d: _EPIEData, preprocess_kwargs: dict[str, Any]) -> py4DST
     reshaping = any(k in preprocess_kwargs for k in _RESHAPING_KWARGS)
     copy = reshaping or d.subsample > 1
     array = np.array(d.patterns, dtype=np.float32, copy=True) if copy else np.asarray(d.patterns)
-    datacube = py4DSTEM.DataCube(data=array)
-    datacube.calibration.set_R_pixel_size(d.step[0])
-    datacube.calibration.set_R_pixel_units("A")
-    datacube.calibration.set_Q_pixel_size(d.angular)
-    datacube.calibration.set_Q_pixel_units("mrad")
-    return datacube
+    return calibrated_datacube(array, d.step[0], d.angular)
 
 
 def _gpu_error(exc: BaseException) -> RuntimeError:
