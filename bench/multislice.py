@@ -150,14 +150,10 @@ def _dataset_files(data: Path, datasets: list[str] | None) -> list[Path]:
 
 def _load(path: Path):
     """The dataset as a calibrated DataCube, its ground truth (phase, sampling, positions) and the raw file."""
-    import py4DSTEM
+    from py4dstem_deepcdi.scan import calibrated_datacube
 
     f = np.load(path)
-    dc = py4DSTEM.DataCube(data=f["counts"])
-    dc.calibration.set_R_pixel_size(float(f["scan_step_A"]))
-    dc.calibration.set_R_pixel_units("A")
-    dc.calibration.set_Q_pixel_size(float(f["angular_sampling_mrad"]))
-    dc.calibration.set_Q_pixel_units("mrad")
+    dc = calibrated_datacube(f["counts"], float(f["scan_step_A"]), float(f["angular_sampling_mrad"]))
     truth = (f["truth_phase"], tuple(f["truth_sampling_A"]), f["truth_positions_A"])
     return dc, truth, f
 
