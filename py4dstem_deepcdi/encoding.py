@@ -3,10 +3,15 @@
 input   x = sqrt(counts / N_e × N_pixels)            (N_e the expected electrons per pattern)
 probe   [Re P, Im P] / max|P|                        (two extra channels of a probe-conditioned network)
 mask    |P|² > threshold × max|P|²                   (the illuminated pixels, where the phase is learnt)
+pooled  [x, sqrt(Σ_k counts_k / (K N_e) × N_pixels), Σ_k |P(r − δ_k)|² / max]
+                                                     (a pooled network: the pattern, the sum of the K patterns of
+                                                     its 3×3 scan neighbourhood (offsets δ_k), their illumination)
 output  φ − mean_mask(φ) inside the mask, 0 outside  (the zero frequency of a pattern's phase is lost)
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -32,6 +37,53 @@ def network_input(
     electrons = torch.as_tensor(electrons, dtype=counts.dtype, device=counts.device).reshape(-1, 1, 1)
     scaled = counts.clamp_min(0).mul_(n_pixels / electrons)
     return torch.sqrt(scaled, out=out) if out is not None else scaled.sqrt_()
+
+
+def fourier_shift(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Complex images (..., N0, N1) translated by ``shifts_px`` (..., 2) pixels with a Fourier phase ramp (periodic)."""
+    n0, n1 = images.shape[-2:]
+    kx = torch.fft.fftfreq(n0, device=images.device)[:, None]
+    ky = torch.fft.fftfreq(n1, device=images.device)[None, :]
+    shifts_px = shifts_px.to(images.device, torch.float32)
+    phase = kx * shifts_px[..., 0, None, None] + ky * shifts_px[..., 1, None, None]
+    return torch.fft.ifft2(torch.fft.fft2(images) * torch.exp(-2j * math.pi * phase))
+
+
+def pooled_illumination(probe: torch.Tensor, offsets_px: torch.Tensor) -> torch.Tensor:
+    """The illumination channel of a pooled network: ``Σ_k |P(r − δ_k)|²`` scaled to a maximum of 1.
+
+    ``probe`` (N, N) or (B, N, N) complex, centred; ``offsets_px`` (K, 2) or (B, K, 2) pixels. Returns (N, N) or
+    (B, N, N) float32.
+    """
+    probe = torch.as_tensor(probe).to(torch.complex64)
+    offsets = torch.as_tensor(offsets_px, dtype=torch.float32)
+    shifted = fourier_shift(probe.unsqueeze(-3), offsets)
+    total = shifted.abs().square().sum(-3)
+    return (total / total.flatten(-2).amax(-1)[..., None, None].clamp_min(1e-30)).float()
+
+
+def neighbour_sum(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts (Rx, Ry, N, N) summed over each position's 3×3 scan neighbourhood, and the number of patterns summed.
+
+    Returns ``(pooled (Rx, Ry, N, N) float32, patterns (Rx, Ry) int)``: 9 inside the scan, 4 or 6 at its edges.
+    """
+    counts = np.asarray(counts, dtype=np.float32)
+    if counts.ndim != 4:
+        raise ValueError(f"neighbour_sum needs counts of shape (Rx, Ry, N, N), got {counts.shape}")
+    rows = counts.copy()
+    rows[1:] += counts[:-1]
+    rows[:-1] += counts[1:]
+    pooled = rows.copy()
+    pooled[:, 1:] += rows[:, :-1]
+    pooled[:, :-1] += rows[:, 1:]
+    ones = np.ones(counts.shape[:2], dtype=np.int64)
+    n_rows = ones.copy()
+    n_rows[1:] += 1
+    n_rows[:-1] += 1
+    n_cols = ones.copy()
+    n_cols[:, 1:] += 1
+    n_cols[:, :-1] += 1
+    return pooled, n_rows * n_cols
 
 
 def probe_channels(probe: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backend import torch_device
-from .encoding import probe_channels, remove_mask_mean
+from .encoding import pooled_illumination, probe_channels, remove_mask_mean
 from .runtime import prepared_network
 
 
@@ -89,11 +89,18 @@ def probe_symmetries(probe: np.ndarray, tolerance: float = 1e-6) -> list[int]:
     ]
 
 
+def _as_batch(part: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One batch of a chunk as a float32 tensor on ``device``."""
+    if isinstance(part, np.ndarray):
+        part = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+    return part.detach().to(device=device, dtype=torch.float32)
+
+
 class _Runner:
     """Everything one prediction call needs: the prepared net, the mask, the batch size and the progress bar."""
 
     def __init__(self, model, batch_size: int, precision: str, device: str, compile: bool, progress: bool, total,  # noqa: A002
-                 geometry=None, symmetrize: bool = False):
+                 geometry=None, symmetrize: bool = False, neighbour_offsets=None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -106,6 +113,18 @@ class _Runner:
             self.condition = probe_channels(geometry.probe).to(self.device)
         else:
             geometry = model.geometry
+        self.illumination = None
+        if model.pool > 1:  # a pooled network: the illumination of the neighbourhood is its third channel
+            if neighbour_offsets is None:
+                raise ValueError(
+                    "a pooled model needs the scan's neighbour_offsets (9, 2) Å (scan.neighbour_offsets(step, "
+                    "rotation, transpose)) and the pooled amplitudes"
+                )
+            offsets = np.asarray(neighbour_offsets, dtype=np.float64)
+            if offsets.shape != (9, 2):
+                raise ValueError(f"neighbour_offsets must have shape (9, 2) (Å), got {offsets.shape}")
+            offsets_px = torch.as_tensor(offsets / np.asarray(geometry.sampling), dtype=torch.float32)
+            self.illumination = pooled_illumination(torch.as_tensor(geometry.probe), offsets_px).to(self.device)
         self.symmetries = probe_symmetries(geometry.probe) if symmetrize else [0]
         mask = torch.as_tensor(np.asarray(geometry.mask, dtype=np.float32), device=self.device)
         if tuple(mask.shape) != self.shape:
@@ -121,28 +140,41 @@ class _Runner:
         if self.bar is not None:
             self.bar.close()
 
-    def run(self, chunk: Any, out: np.ndarray | None = None, where: str = "amplitudes") -> np.ndarray:
-        """Predict one (J, N, N) chunk batch by batch into ``out`` (allocated when None); returns ``out``."""
+    def run(
+        self, chunk: Any, out: np.ndarray | None = None, where: str = "amplitudes", pooled: Any = None
+    ) -> np.ndarray:
+        """Predict one (J, N, N) chunk (with its (J, N, N) ``pooled`` amplitudes for a pooled model) batch by batch
+        into ``out`` (allocated when None); returns ``out``."""
         chunk = _check_chunk(chunk, self.shape, where)
         n = chunk.shape[0]
+        if (self.illumination is None) != (pooled is None):
+            raise ValueError(
+                "a pooled model needs the pooled amplitudes (preprocess(..., pool=3))"
+                if pooled is None else "pooled amplitudes are for a pooled model; this model sees one pattern"
+            )
+        if pooled is not None:
+            pooled = _check_chunk(pooled, self.shape, f"pooled {where}")
+            if pooled.shape[0] != n:
+                raise ValueError(f"pooled {where} has {pooled.shape[0]} patterns, {where} has {n}")
         if out is None:
             out = np.empty((n, *self.shape), dtype=np.float32)
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
-            part = chunk[start:stop]
-            if isinstance(part, np.ndarray):
-                part = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
-            else:
-                part = part.detach()
-            batch = part.to(device=self.device, dtype=torch.float32)
+            batch = _as_batch(chunk[start:stop], self.device)
             _check_values(batch, start, where)
+            channels = [batch]
+            if pooled is not None:
+                channels.append(_as_batch(pooled[start:stop], self.device))
+                _check_values(channels[1], start, f"pooled {where}")
+                channels.append(self.illumination.expand(len(batch), -1, -1))
             with torch.inference_mode():
+                batch = torch.stack(channels, 1)
                 if self.net.compiled and len(batch) < self.batch_size:
                     # one compiled graph per batch size: pad a short batch instead of recompiling (minutes)
-                    batch = torch.cat([batch, batch.new_zeros((self.batch_size - len(batch), *self.shape))])
+                    batch = torch.cat([batch, batch.new_zeros((self.batch_size - len(batch), *batch.shape[1:]))])
                 phase = 0
                 for t in self.symmetries:  # the probe is invariant under t: predict the turned pattern, turn back
-                    inputs = apply_symmetry(batch, t)[:, None]
+                    inputs = apply_symmetry(batch, t)
                     if self.condition is not None:
                         inputs = torch.cat([inputs, self.condition.expand(len(batch), -1, -1, -1)], 1)
                     phase = phase + apply_symmetry(self.net(inputs)[: stop - start, 0], t, inverse=True)
@@ -165,6 +197,8 @@ def predict(
     progress: bool = False,
     geometry=None,
     symmetrize: bool = False,
+    pooled: np.ndarray | torch.Tensor | None = None,
+    neighbour_offsets: np.ndarray | None = None,
 ) -> np.ndarray:
     """Phase patches (rad) retrieved by the network from diffraction amplitudes.
 
@@ -196,17 +230,27 @@ def predict(
         Average the network's patches over the symmetries of the square that leave the probe unchanged
         (:func:`probe_symmetries`; all 8 for a defocused round probe): each pattern is turned, predicted and turned
         back. Costs one network pass per symmetry; lowers the network's error (docs/benchmarks.md).
+    pooled, neighbour_offsets
+        For a pooled model (``model.pool == 3``), required: the (J, N, N) normalised amplitudes of each position's
+        summed 3×3 neighbourhood (:attr:`~py4dstem_deepcdi.preprocessing.PreprocessedData.pooled`) and the (9, 2)
+        offsets (Å) of that neighbourhood (:func:`~py4dstem_deepcdi.scan.neighbour_offsets`).
 
     Returns
     -------
     numpy.ndarray
         (J, N, N) float32 phase (rad), 0 outside the illuminated mask and zero-mean inside it.
+
+    Raises
+    ------
+    ValueError
+        For amplitudes of the wrong shape, type or values, or pooled inputs missing for a pooled model (or given to
+        another).
     """
     amplitudes = _check_chunk(amplitudes, tuple(model.geometry.detector_shape), "amplitudes")
     runner = _Runner(model, batch_size, precision, device, compile, progress, total=int(amplitudes.shape[0]),
-                     geometry=geometry, symmetrize=symmetrize)
+                     geometry=geometry, symmetrize=symmetrize, neighbour_offsets=neighbour_offsets)
     try:
-        return runner.run(amplitudes)
+        return runner.run(amplitudes, pooled=pooled)
     finally:
         runner.close()
 
@@ -223,18 +267,23 @@ def predict_batches(
     total: int | None = None,
     geometry=None,
     symmetrize: bool = False,
+    neighbour_offsets: np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
     """Stream :func:`predict` over chunks of a datacube too large for memory: yields one (J_i, N, N) array per chunk.
 
     Each chunk (e.g. a few scan rows of a datacube, reshaped to (J_i, N, N)) is split into ``batch_size`` batches;
-    only one chunk's input and output are held at a time. ``total`` (patterns) sizes the progress bar. Other
-    parameters and the returned values are those of :func:`predict`.
+    only one chunk's input and output are held at a time. ``total`` (patterns) sizes the progress bar. For a pooled
+    model each chunk is a pair ``(amplitudes, pooled)``. Other parameters and the returned values are those of
+    :func:`predict`.
     """
     runner = _Runner(model, batch_size, precision, device, compile, progress, total=total, geometry=geometry,
-                     symmetrize=symmetrize)
+                     symmetrize=symmetrize, neighbour_offsets=neighbour_offsets)
     try:
         for index, chunk in enumerate(chunks):
-            yield runner.run(chunk, where=f"chunk {index}")
+            pooled = None
+            if isinstance(chunk, tuple):
+                chunk, pooled = chunk
+            yield runner.run(chunk, where=f"chunk {index}", pooled=pooled)
     finally:
         runner.close()
 

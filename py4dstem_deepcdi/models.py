@@ -68,9 +68,20 @@ class DeepCDIModel:
         return path
 
     @property
+    def pool(self) -> int:
+        """1, or 3 for a pooled network (it also takes the summed 3×3 scan neighbourhood, see :mod:`.encoding`)."""
+        return int(self.metadata.get("training_set", {}).get("pool", 1))
+
+    @property
+    def pool_step_range(self) -> tuple[float, float] | None:
+        """The scan steps (Å) a pooled network was trained for; None for a network that sees one pattern."""
+        steps = self.metadata.get("training_set", {}).get("pool_step_range")
+        return (float(steps[0]), float(steps[1])) if self.pool > 1 and steps else None
+
+    @property
     def conditioned(self) -> bool:
         """Whether the network is probe-conditioned (takes the probe as input, see :attr:`aberration_ranges`)."""
-        return getattr(self.network, "in_channels", 1) == 3
+        return getattr(self.network, "in_channels", 1) == 3 and self.pool == 1
 
     @property
     def aberration_ranges(self) -> AberrationRanges | None:
@@ -114,6 +125,8 @@ class DeepCDIModel:
     def __repr__(self) -> str:
         training = self.metadata.get("training", {})
         conditioned = f", probe-conditioned over {self.aberration_ranges.to_dict()}" if self.conditioned else ""
+        if self.pool > 1:
+            conditioned = f", pooled over 3×3 neighbourhoods of scan steps {self.pool_step_range} Å"
         return (
             f"DeepCDIModel({self.metadata.get('name', 'unnamed')}, {self.geometry!r}{conditioned}, "
             f"width={self.network.width}, "

@@ -47,7 +47,9 @@ class ResUNet(nn.Module):
     """Residual U-Net mapping a (B, C, N, N) input to a (B, 1, N, N) phase patch (rad).
 
     The input is the diffraction amplitude (C = 1) or, for a probe-conditioned network, the amplitude and the
-    candidate probe's real and imaginary parts (C = 3, see :func:`~py4dstem_deepcdi.encoding.probe_channels`).
+    candidate probe's real and imaginary parts (C = 3, see :func:`~py4dstem_deepcdi.encoding.probe_channels`), or for
+    a pooled network the amplitude, the pooled amplitude and the pooled illumination (C = 3, see
+    :mod:`~py4dstem_deepcdi.encoding`).
 
     Parameters
     ----------
@@ -58,7 +60,7 @@ class ResUNet(nn.Module):
     dropout
         Dropout rate after every stage (the paper's 0.2).
     in_channels
-        Input channels: 1 (the paper's network) or 3 (probe-conditioned).
+        Input channels: 1 (the paper's network) or 3 (probe-conditioned or pooled).
     """
 
     def __init__(self, width: float = 1.0, depth: int = 4, dropout: float = 0.2, in_channels: int = 1):

@@ -8,7 +8,9 @@ Never modifies the user's datacube: every step reads from it and writes new arra
    that object-induced deflections (the signal) are kept and only the instrument's shift is removed.
 3. Resampling: each pattern is integrated over the model's detector pixels (area-weighted, counts conserved),
    centred on the fitted disk centre with sub-pixel precision: any angular sampling ≥ the data's range works.
-4. Normalisation: ``encoding.network_input`` with the mean electrons per pattern of the dataset.
+4. Normalisation: ``encoding.network_input`` with the mean electrons per pattern of the dataset; for a pooled
+   network also the sum of each position's 3×3 scan neighbourhood (``encoding.neighbour_sum``), normalised by the
+   electrons of the patterns summed.
 5. Positions: the raster scan × step, rotated/transposed like py4DSTEM (rotation from the user or estimated with
    py4DSTEM's centre-of-mass (DPC) method), optionally every n-th position.
 """
@@ -23,10 +25,10 @@ import numpy as np
 import py4DSTEM
 import torch
 
-from .encoding import network_input
+from .encoding import neighbour_sum, network_input
 from .planes import fit_plane
 from .probe import ProbeGeometry, vacuum_pattern
-from .scan import scan_positions
+from .scan import neighbour_offsets, scan_positions
 
 _LENGTH_UNITS = {"A": 1.0, "Å": 1.0, "nm": 10.0, "pm": 0.01}
 
@@ -39,7 +41,8 @@ class PreprocessedData:
     detector frame; ``scan_shape`` (Rx, Ry) after subsampling; ``scan_step`` (Å, after subsampling);
     ``electrons_per_pattern`` (mean counts per resampled pattern); ``centre`` (Rx, Ry, 2) fitted disk centres in
     data pixels; ``rotation_deg``, ``transpose``; ``data_angular_sampling`` (mrad/pixel of the input);
-    ``mean_pattern`` (N, N) mean resampled counts.
+    ``mean_pattern`` (N, N) mean resampled counts; for a pooled network (``pool=3``) ``pooled`` (J, N, N), the
+    normalised amplitudes of each position's summed 3×3 neighbourhood, and ``neighbour_offsets`` (9, 2) Å.
     """
 
     amplitudes: np.ndarray
@@ -52,6 +55,8 @@ class PreprocessedData:
     transpose: bool
     data_angular_sampling: float
     mean_pattern: np.ndarray
+    pooled: np.ndarray | None = None
+    neighbour_offsets: np.ndarray | None = None
 
 
 def datacube_array(datacube) -> np.ndarray:
@@ -211,6 +216,7 @@ def preprocess(
     subsample: int = 1,
     centre: bool = True,
     chunk_rows: int = 16,
+    pool: int = 1,
 ) -> PreprocessedData:
     """Turn a DataCube (or a 4-D array with ``scan_step`` and ``angular_sampling``) into network input.
 
@@ -233,8 +239,12 @@ def preprocess(
         Fit and remove the descan of the bright-field disk (True) or assume it sits at the detector's centre.
     chunk_rows
         Scan rows processed at a time (bounds memory for large datacubes).
+    pool
+        3 for a pooled network: also sum each position's 3×3 scan neighbourhood (``pooled``); 1 (default) not.
     """
     data = datacube_array(datacube)
+    if pool not in (1, 3):
+        raise ValueError(f"pool must be 1 (one pattern) or 3 (3×3 neighbourhoods), got {pool!r}")
     subsample = int(subsample)
     if subsample < 1:
         raise ValueError(f"subsample must be a positive integer, got {subsample}")
@@ -282,6 +292,11 @@ def preprocess(
         out = resample_patterns(patterns, c, data_sampling, geometry)
         counts[start * sy : (start + rows) * sy] = out.numpy()
     electrons = float(counts.sum((-2, -1)).mean())
+    pooled = None
+    if pool > 1:
+        summed, patterns = neighbour_sum(counts.reshape(sx, sy, n0, n1))
+        weights = torch.from_numpy(patterns.reshape(-1) * electrons)
+        pooled = network_input(torch.from_numpy(summed.reshape(-1, n0, n1)), weights).numpy()
     amplitudes = network_input(torch.from_numpy(counts), electrons).numpy()
 
     if rotation_deg is None or transpose is None:
@@ -290,6 +305,7 @@ def preprocess(
         transpose = estimated_transpose if transpose is None else transpose
     sub_step = (step[0] * subsample, step[1] * subsample)
     positions = scan_positions((sx, sy), sub_step, float(rotation_deg), bool(transpose))
+    offsets = neighbour_offsets(sub_step, float(rotation_deg), bool(transpose)) if pool > 1 else None
     return PreprocessedData(
         amplitudes=amplitudes,
         positions=positions,
@@ -301,4 +317,6 @@ def preprocess(
         transpose=bool(transpose),
         data_angular_sampling=data_sampling,
         mean_pattern=counts.mean(0),
+        pooled=pooled,
+        neighbour_offsets=offsets,
     )

@@ -189,12 +189,20 @@ class DeepCDIReconstruction:
             raise TypeError(f"unknown preprocess options {sorted(unknown)}; use {sorted(self._options)}")
         self._options.update(overrides)
         start = time.perf_counter()
-        self.data = preprocess(self.datacube, self.model.geometry, **self._options)
+        self.data = preprocess(self.datacube, self.model.geometry, pool=self.model.pool, **self._options)
         self.timings["preprocess_s"] = time.perf_counter() - start
         self._check_bright_field()
         message = dose_warning(self.data.electrons_per_pattern, self.model.electrons_range)
         if message:
             warnings.warn(message, stacklevel=2)
+        steps = self.model.pool_step_range
+        if steps is not None and not all(steps[0] <= s <= steps[1] for s in self.data.scan_step):
+            warnings.warn(
+                f"the scan step {self.data.scan_step} Å is outside the steps {steps} Å this pooled model's "
+                "neighbourhoods were trained with; use a pooled model trained for this step (deepcdi train --pool 3 "
+                "--pool-step-range) or a model that sees one pattern",
+                stacklevel=2,
+            )
         if self.verbose:
             d = self.data
             print(
@@ -293,7 +301,8 @@ class DeepCDIReconstruction:
         start = time.perf_counter()
         self.patches = predict(
             self.model, self.data.amplitudes, batch_size=batch_size, precision=precision, device=self.device,
-            progress=progress, geometry=self.probe_geometry, symmetrize=symmetrize,
+            progress=progress, geometry=self.probe_geometry, symmetrize=symmetrize, pooled=self.data.pooled,
+            neighbour_offsets=self.data.neighbour_offsets,
         )
         self.timings["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()

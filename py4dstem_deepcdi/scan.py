@@ -46,6 +46,16 @@ def scan_positions(
     return positions
 
 
+def neighbour_offsets(
+    scan_step: float | tuple[float, float], rotation_deg: float = 0.0, transpose: bool = False
+) -> np.ndarray:
+    """Offsets (9, 2) in Å, in the detector's frame, from a scan position to its 3×3 neighbourhood (itself first,
+    then the 8 neighbours in raster order), with the convention of :func:`scan_positions`."""
+    grid = scan_positions((3, 3), scan_step, rotation_deg, transpose)
+    offsets = grid - grid[4]
+    return np.concatenate([offsets[4:5], offsets[:4], offsets[5:]])
+
+
 def calibrated_datacube(data: np.ndarray, scan_step: float, angular_sampling: float) -> py4DSTEM.DataCube:
     """A py4DSTEM DataCube of ``data`` (Rx, Ry, Qx, Qy) with its scan step (Å) and detector pixel (mrad) set.
 

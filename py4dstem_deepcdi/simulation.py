@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .backend import torch_device
-from .encoding import remove_mask_mean
+from .encoding import fourier_shift, remove_mask_mean
 from .images import LatticeSource
 from .poisson import poisson
 from .probe import ProbeGeometry
@@ -48,8 +48,6 @@ class ForwardModel:
         self.probe = torch.as_tensor(geometry.probe, dtype=torch.complex64, device=self.device)
         self.mask = torch.as_tensor(geometry.mask, device=self.device)
         n0, n1 = geometry.detector_shape
-        self._kx = torch.fft.fftfreq(n0, device=self.device)[:, None]
-        self._ky = torch.fft.fftfreq(n1, device=self.device)[None, :]
         # fftshift of the far field = the exit wave times exp(2πi (r0 (N0//2)/N0 + r1 (N1//2)/N1)) ((-1)^(r0+r1) for
         # even N); that factor and the unitary FFT's 1/sqrt(N0 N1) are folded into the probe once
         r0 = torch.arange(n0, dtype=torch.float64)[:, None] * (n0 // 2) / n0
@@ -63,11 +61,8 @@ class ForwardModel:
     def shifted_probes(self, shifts_px: torch.Tensor, probes: torch.Tensor | None = None) -> torch.Tensor:
         """The probe (or ``probes`` (B, N, N)) translated by ``shifts_px`` (B, 2) pixels with a Fourier phase ramp,
         (B, N, N) complex."""
-        shifts_px = shifts_px.to(self.device, torch.float32)
-        phase = self._kx[None] * shifts_px[:, 0, None, None] + self._ky[None] * shifts_px[:, 1, None, None]
-        ramp = torch.exp(-2j * math.pi * phase)
         probe = self.probe if probes is None else probes.to(self.device, torch.complex64)
-        return torch.fft.ifft2(torch.fft.fft2(probe) * ramp)
+        return fourier_shift(probe, shifts_px.to(self.device))
 
     def intensity(
         self, phase: torch.Tensor, shifts_px: torch.Tensor | None = None, probes: torch.Tensor | None = None
@@ -93,6 +88,22 @@ class ForwardModel:
         far_field = torch.view_as_real(torch.fft.fft2(exit_wave))  # already unitary and fftshifted (see __init__)
         real, imag = far_field[..., 0], far_field[..., 1]
         return torch.mul(real, real).addcmul_(imag, imag)
+
+    def neighbour_intensity(
+        self, phase: torch.Tensor, offsets_px: torch.Tensor, probes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Summed noiseless intensity (B, N, N) of the probe at ``offsets_px`` (B, K, 2) pixels from the window's
+        centre: ``Σ_k |FFT[P(r − δ_k) exp(iφ(r))]|²``, each term summing to 1 (the neighbours of a pooled input).
+
+        ``phase`` (B, N, N) rad is the window about the centre position; ``probes`` optional (B, N, N) as in
+        :meth:`intensity`. A probe shifted out of the window wraps around: the offsets must be small against the
+        window.
+        """
+        probes = self.probe.expand(len(phase), -1, -1) if probes is None else probes
+        total = torch.zeros(phase.shape, device=self.device)
+        for k in range(offsets_px.shape[1]):
+            total += self.intensity(phase, shifts_px=offsets_px[:, k], probes=probes)
+        return total
 
     def target(
         self, phase: torch.Tensor, out: torch.Tensor | None = None, mask: torch.Tensor | None = None

@@ -19,11 +19,12 @@ import h5py
 import numpy as np
 import torch
 
-from .encoding import conditioning_mask, network_input, probe_channels
+from .encoding import conditioning_mask, network_input, pooled_illumination, probe_channels
 from .images import default_source
 from .io import atomic_path
 from .poisson import poisson
 from .probe import AberrationRanges, ProbeGeometry, from_cartesian
+from .scan import neighbour_offsets
 from .seeds import seed_for
 from .simulation import ForwardModel
 
@@ -59,6 +60,13 @@ class StreamConfig:
         one of ``EDGE_STEPS`` probes), so that the network does not depend on the exact edge of the data's
         bright-field disk (a sharp aperture seen by pixels, a detector's blur). None (default): the geometry's
         aperture.
+    pool
+        1 (default): the network sees one pattern. 3: a pooled network, which also sees the sum of the patterns
+        of the position's 3×3 scan neighbourhood and their illumination (:func:`~py4dstem_deepcdi.encoding.
+        pooled_illumination`): 9× the electrons for the phase of a dense scan (3 input channels).
+    pool_step_range
+        For a pooled network: the scan steps (Å) its neighbourhoods are drawn with, log-uniformly per sample, each
+        at a uniformly random scan rotation.
     """
 
     electrons_range: tuple[float, float] = field(
@@ -82,6 +90,13 @@ class StreamConfig:
     aberration_ranges: AberrationRanges | None = None
     edge_width_range: tuple[float, float] | None = field(default=None, metadata={
         "help": "draw each sample's aperture-edge width (mrad, centred on the semi-angle) from this range",
+    })  # fmt: skip
+    pool: int = field(default=1, metadata={
+        "help": "3: train a pooled network, which also sees the summed 3x3 scan neighbourhood (for low dose)",
+        "choices": (1, 3),
+    })  # fmt: skip
+    pool_step_range: tuple[float, float] = field(default=(0.1, 0.6), metadata={
+        "help": "scan steps (Å) a pooled network's neighbourhoods are drawn with", "metavar": "Å",
     })  # fmt: skip
 
     def __post_init__(self):
@@ -112,6 +127,15 @@ class StreamConfig:
                 raise ValueError(
                     "edge_width_range is for fixed-probe models; a probe-conditioned one takes aberration_ranges"
                 )
+        if int(self.pool) not in (1, 3):
+            raise ValueError(f"pool must be 1 (one pattern) or 3 (3×3 neighbourhoods), got {self.pool!r}")
+        self.pool = int(self.pool)
+        self.pool_step_range = tuple(float(v) for v in self.pool_step_range)
+        lo, hi = self.pool_step_range
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise ValueError(f"pool_step_range must be an increasing pair of steps > 0 (Å), got {self.pool_step_range}")
+        if self.pool > 1 and self.aberration_ranges is not None:
+            raise ValueError("a pooled network has a fixed probe; pool=3 and aberration_ranges cannot be combined")
 
 
 #: The phase objects come from banks of at least ``_BANK_IMAGES`` source images, each bank serving the consecutive
@@ -216,8 +240,14 @@ class TrainingStream:
 
     @property
     def in_channels(self) -> int:
-        """Input channels of a batch: 1 (amplitude), or 3 (amplitude, Re P, Im P) for probe conditioning."""
-        return 1 if self.config.aberration_ranges is None else 3
+        """Input channels of a batch: 1 (amplitude), or 3 (amplitude, Re P, Im P) for probe conditioning, or 3
+        (amplitude, pooled amplitude, pooled illumination) for a pooled network."""
+        return 1 if self.config.aberration_ranges is None and self.config.pool == 1 else 3
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether every sample has its own probe (and so its own illuminated mask)."""
+        return self.config.aberration_ranges is not None
 
     def _probes(self, u: torch.Tensor) -> torch.Tensor:
         """Centred complex probes (B, N, N) for uniform numbers ``u`` (B, 7) mapped into the aberration ranges."""
@@ -270,8 +300,36 @@ class TrainingStream:
             pick = torch.randint(len(self._edge_probes), (n,), generator=generator, device=device)
             probes = self._edge_probes.index_select(0, pick)
         counts = poisson(self.model.intensity(phase, probes=probes).mul_(electrons[:, None, None]), generator)
+        if config.pool > 1:
+            self._pool(x, phase, counts, probes, electrons, generator)
         network_input(counts, electrons, out=x[:, 0])
         self.model.target(phase, out=y, mask=mask)
+
+    def _pool(
+        self,
+        x: torch.Tensor,
+        phase: torch.Tensor,
+        counts: torch.Tensor,
+        probes: torch.Tensor | None,
+        electrons: torch.Tensor,
+        generator: torch.Generator,
+    ) -> None:
+        """Fill the pooled channels of ``x``: the centre ``counts`` plus Poisson counts of its 8 neighbours (a sum of
+        Poisson counts is the Poisson count of the summed intensities), and their illumination."""
+        n, device = len(x), x.device
+        geometry = self.model.geometry
+        lo, hi = self.config.pool_step_range
+        step = lo * (hi / lo) ** torch.rand(n, generator=generator, device=device).cpu()
+        angle = 360 * torch.rand(n, generator=generator, device=device).cpu()
+        sampling = np.asarray(geometry.sampling)
+        offsets = torch.as_tensor(np.stack([
+            neighbour_offsets(s, a) / sampling for s, a in zip(step.tolist(), angle.tolist())
+        ]), dtype=torch.float32, device=device)  # (B, 9, 2) pixels, centre first
+        centred = self.model.probe.expand(n, -1, -1) if probes is None else probes
+        rest = self.model.neighbour_intensity(phase, offsets[:, 1:], centred)
+        pooled = poisson(rest.mul_(electrons[:, None, None]), generator).add_(counts)
+        network_input(pooled, electrons * offsets.shape[1], out=x[:, 1])
+        x[:, 2] = pooled_illumination(centred, offsets)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self

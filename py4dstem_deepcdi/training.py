@@ -332,7 +332,7 @@ class Trainer:
 
     def loss_mask(self, inputs: torch.Tensor) -> torch.Tensor:
         """The illuminated mask(s) the loss is taken over: the geometry's, or one per sample when conditioned."""
-        if self.stream.in_channels == 1:
+        if not self.stream.conditioned:
             return self.mask
         return conditioning_mask(inputs, self.geometry.mask_threshold)
 

@@ -10,7 +10,7 @@ from comparison_cases import comparison, finished_reconstruction
 
 from py4dstem_deepcdi.comparison import compare_with_epie, read_comparison
 from py4dstem_deepcdi.comparison.figure import inset_box
-from py4dstem_deepcdi.comparison.result import CONVERGED_WITHIN
+from py4dstem_deepcdi.comparison.result import CONVERGED_WITHIN, converged_iterations
 
 matplotlib.use("Agg")
 
@@ -88,3 +88,17 @@ def test_epie_speed_is_quoted_at_its_converged_iteration_count():
     summary = c.summary()
     assert summary["epie_converged_iterations"] == k
     assert summary["epie_converged_s"] == pytest.approx(c.epie_converged_s)
+
+
+def test_converged_iterations_among_scored_counts():
+    """The fewest scored counts within CONVERGED_WITHIN of the best of those counts (the bench scripts' baseline)."""
+    correlations = [0.5, 0.8, 0.9, 0.97, 0.9, 0.6]
+    assert converged_iterations(correlations) == 4  # every iteration: the best is 0.97 after 4
+    assert converged_iterations(correlations, [1, 2, 3, 5]) == 3  # 0.97 not scored: 0.9 after 3 ties 0.9 after 5
+    assert converged_iterations(correlations, [6, 1]) == 6  # the best of (0.5, 0.6): still improving at the last
+    tie = [0.9, 0.9 + CONVERGED_WITHIN / 2, 0.95]
+    assert converged_iterations(tie, [1, 2]) == 1
+    assert converged_iterations(None) is None and converged_iterations([]) is None
+    for bad in ([0, 1], [1, 7], []):
+        with pytest.raises(ValueError, match="counts"):
+            converged_iterations(correlations, bad)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from py4dstem_deepcdi.encoding import network_input, remove_mask_mean
+from py4dstem_deepcdi.encoding import fourier_shift, neighbour_sum, network_input, pooled_illumination, remove_mask_mean
 from py4dstem_deepcdi.simulation import ForwardModel
 
 
@@ -41,3 +41,34 @@ def test_remove_mask_mean_one_mask_and_per_patch_masks():
     stacked = torch.from_numpy(np.stack([phase, phase]))
     result = remove_mask_mean(stacked, torch.from_numpy(np.stack([masks[0], masks[1]]))[:, None])
     np.testing.assert_allclose(result[1, 2].numpy(), np.where(masks[1], phase[2] - phase[2][masks[1]].mean(), 0))
+
+
+def test_neighbour_sum_matches_a_loop_over_the_neighbourhood():
+    rng = np.random.default_rng(2)
+    counts = rng.poisson(5.0, size=(4, 5, 3, 3)).astype(np.float32)
+    pooled, patterns = neighbour_sum(counts)
+    for i in range(4):
+        for j in range(5):
+            block = counts[max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2]
+            np.testing.assert_allclose(pooled[i, j], block.sum((0, 1)))
+            assert patterns[i, j] == block.shape[0] * block.shape[1]
+    assert patterns[1, 1] == 9 and patterns[0, 2] == 6 and patterns[0, 0] == 4
+    with pytest.raises(ValueError, match="Rx, Ry"):
+        neighbour_sum(counts[0])
+
+
+def test_fourier_shift_by_whole_pixels_is_a_roll():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(8, 8)) + 1j * rng.normal(size=(8, 8))
+    shifted = fourier_shift(torch.from_numpy(image).to(torch.complex64), torch.tensor([2.0, -3.0]))
+    np.testing.assert_allclose(shifted.numpy(), np.roll(image, (2, -3), (0, 1)), atol=1e-5)
+
+
+def test_pooled_illumination_is_the_sum_of_shifted_probe_intensities(geometry):
+    probe = geometry.probe
+    offsets = np.array([[0, 0], [1, 0], [0, -2], [3, 1]])
+    expected = sum(np.abs(np.roll(probe, tuple(o), (0, 1))) ** 2 for o in offsets)
+    result = pooled_illumination(torch.from_numpy(probe), torch.from_numpy(offsets).float()).numpy()
+    np.testing.assert_allclose(result, expected / expected.max(), atol=1e-5)
+    batched = pooled_illumination(torch.from_numpy(np.stack([probe, probe])), torch.from_numpy(np.stack([offsets] * 2)))
+    np.testing.assert_allclose(batched.numpy(), np.stack([result, result]), atol=1e-6)

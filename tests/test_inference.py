@@ -6,11 +6,13 @@ import torch
 from networks import random_network, randomise_batchnorms
 from torch import nn
 
+from py4dstem_deepcdi.encoding import pooled_illumination, remove_mask_mean
 from py4dstem_deepcdi.inference import apply_symmetry, predict, predict_batches, probe_symmetries
 from py4dstem_deepcdi.models import DeepCDIModel
 from py4dstem_deepcdi.network import ResUNet
 from py4dstem_deepcdi.probe import ProbeGeometry
 from py4dstem_deepcdi.runtime import clear_cache, prepared_network
+from py4dstem_deepcdi.scan import neighbour_offsets
 from py4dstem_deepcdi.simulation import ForwardModel
 from py4dstem_deepcdi.stream import StreamConfig, TrainingStream
 
@@ -212,3 +214,34 @@ def test_symmetrized_prediction_averages_the_turned_patterns(geometry):
     got = predict(model, amplitudes, precision="fp32", symmetrize=True)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.abs(got - plain[0]).max() > 1e-4  # the untrained network is not symmetric: averaging changes it
+
+
+def test_pooled_model_takes_the_pooled_amplitudes_and_the_neighbourhood(geometry_small, amplitudes):
+    """A pooled model's three channels are the amplitude, the pooled amplitude and the illumination of the
+    neighbourhood; it refuses to run without them, and a one-pattern model refuses them."""
+    torch.manual_seed(1)
+    network = ResUNet(width=0.125, depth=2, in_channels=3).eval()
+    model = DeepCDIModel(network, geometry_small, {"name": "pooled", "training_set": {"pool": 3}})
+    pooled = amplitudes[::-1].copy()
+    offsets = neighbour_offsets(0.25, 30.0)
+    out = predict(model, amplitudes, precision="fp32", batch_size=8, pooled=pooled, neighbour_offsets=offsets)
+    illumination = pooled_illumination(torch.from_numpy(geometry_small.probe), torch.from_numpy(
+        offsets / np.asarray(geometry_small.sampling)).float())
+    channels = [torch.from_numpy(amplitudes), torch.from_numpy(pooled), illumination.expand(len(pooled), -1, -1)]
+    x = torch.stack(channels, 1)
+    with torch.no_grad():
+        raw = network(x)[:, 0]
+    expected = remove_mask_mean(raw, torch.from_numpy(geometry_small.mask)).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-5 * np.abs(expected).max())
+    chunks = ((amplitudes[s:e], pooled[s:e]) for s, e in ((0, 10), (10, 24)))
+    streamed = np.concatenate(list(predict_batches(model, chunks, precision="fp32", neighbour_offsets=offsets)))
+    np.testing.assert_allclose(streamed, out, atol=1e-6)
+    with pytest.raises(ValueError, match="neighbour_offsets"):
+        predict(model, amplitudes, pooled=pooled)
+    with pytest.raises(ValueError, match="pooled amplitudes"):
+        predict(model, amplitudes, neighbour_offsets=offsets)
+    with pytest.raises(ValueError, match="5 patterns"):
+        predict(model, amplitudes, pooled=pooled[:5], neighbour_offsets=offsets)
+    single = DeepCDIModel(random_network(WIDTH), geometry_small, {"name": "single"})
+    with pytest.raises(ValueError, match="one pattern"):
+        predict(single, amplitudes, pooled=pooled)

@@ -182,3 +182,25 @@ def test_vacuum_probe_on_the_data_detector_is_checked_against_the_model(dataset,
     wider = finer(np.abs(ProbeGeometry(300e3, 19.0, angular_sampling=2.0).probe_fourier) ** 2)
     with pytest.warns(UserWarning, match="differs from the model's by"):
         DeepCDIReconstruction(datacube, vacuum_probe_intensity=wider, **args).preprocess()
+
+
+def test_pooled_model_reconstructs_from_the_summed_neighbourhoods(dataset, geometry):
+    """With a pooled model, preprocess sums each position's 3×3 neighbourhood (normalised by the patterns summed:
+    the pooled input of a uniform scan is the mean pattern) and reconstruct feeds it to the network; a scan step
+    outside the model's trained steps warns."""
+    network = ResUNet(width=0.125, depth=2, in_channels=3).eval()
+    trained = {"pool": 3, "pool_step_range": [0.2, 0.5]}
+    model = DeepCDIModel(network, geometry, {"name": "pooled", "training_set": trained})
+    recon = make(dataset, model).preprocess()
+    d = recon.data
+    assert d.pooled.shape == d.amplitudes.shape
+    np.testing.assert_allclose(d.neighbour_offsets[1], [-0.3, -0.3])
+    counts = (d.amplitudes.reshape(10, 12, 32, 32) ** 2).astype(np.float64)  # ∝ counts, same factor everywhere
+    expected = counts[0:3, 3:6].mean((0, 1))
+    np.testing.assert_allclose(d.pooled.reshape(10, 12, 32, 32)[1, 4] ** 2, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d.pooled.reshape(10, 12, 32, 32)[0, 0] ** 2, counts[:2, :2].mean((0, 1)), rtol=1e-4,
+                               atol=1e-4)
+    recon.reconstruct(precision="fp32")
+    assert np.isfinite(recon.object_phase[recon.coverage > 0]).all()
+    with pytest.warns(UserWarning, match="outside the steps"):
+        make(dataset, model, scan_step=0.6).preprocess()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from py4dstem_deepcdi.scan import calibrated_datacube, electrons_per_pattern, scan_positions
+from py4dstem_deepcdi.scan import calibrated_datacube, electrons_per_pattern, neighbour_offsets, scan_positions
 
 
 def test_electrons_per_pattern_and_bad_doses():
@@ -30,3 +30,16 @@ def test_calibrated_datacube_carries_step_and_detector_pixel():
     assert dc.data is data
     assert dc.calibration.get_R_pixel_size() == pytest.approx(0.25) and dc.calibration.get_R_pixel_units() == "A"
     assert dc.calibration.get_Q_pixel_size() == pytest.approx(1.5) and dc.calibration.get_Q_pixel_units() == "mrad"
+
+
+@pytest.mark.parametrize("rotation, transpose", [(0.0, False), (17.0, False), (-40.0, True)])
+def test_neighbour_offsets_are_those_of_the_scan(rotation, transpose):
+    """The 3×3 neighbourhood of an inner position of a scan, centre first: the scan's own position differences."""
+    offsets = neighbour_offsets((0.25, 0.3), rotation, transpose)
+    positions = scan_positions((5, 6), (0.25, 0.3), rotation, transpose).reshape(5, 6, 2)
+    around = positions[1:4, 2:5].reshape(9, 2) - positions[2, 3]
+    np.testing.assert_allclose(offsets[0], 0, atol=1e-12)
+    np.testing.assert_allclose(np.sort(offsets, 0), np.sort(around, 0), atol=1e-12)
+    np.testing.assert_allclose(offsets[1:], np.delete(around, 4, 0), atol=1e-12)
+    if not rotation and not transpose:
+        np.testing.assert_allclose(offsets[1], [-0.25, -0.3])

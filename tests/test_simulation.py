@@ -194,3 +194,17 @@ def test_lattice_object_scale_and_seed():
     assert 0 <= a.min() and a.max() <= 0.7 + 1e-6
     np.testing.assert_array_equal(a, lattice_object((40, 30), 0.2, phase_max=0.7, seed=1))
     assert not np.array_equal(a, lattice_object((40, 30), 0.2, phase_max=0.7, seed=2))
+
+
+def test_neighbour_intensity_is_the_object_seen_from_the_neighbouring_positions(model):
+    """Shifting the probe by δ over a window equals the centred probe over the object rolled by −δ (whole pixels)."""
+    phase = random_phase(2)
+    offsets = torch.tensor([[[1.0, 0.0], [0.0, -2.0]], [[-1.0, 1.0], [2.0, 2.0]]])
+    total = model.neighbour_intensity(phase, offsets)
+    expected = torch.zeros_like(total)
+    for b in range(2):
+        for delta in offsets[b].long().tolist():
+            rolled = torch.roll(phase[b], (-delta[0], -delta[1]), (0, 1))
+            expected[b] += model.intensity(rolled[None])[0]
+    np.testing.assert_allclose(total.numpy(), expected.numpy(), atol=2e-6)
+    np.testing.assert_allclose(total.sum((-2, -1)).numpy(), 2.0, rtol=1e-4)  # each term sums to 1

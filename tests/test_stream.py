@@ -196,3 +196,34 @@ def test_stream_random_draws_are_pinned(geometry):
     np.testing.assert_allclose(_energies(x), [1021.609796, 1022.163035, 1024.52692, 1013.571545], rtol=1e-5)
     np.testing.assert_allclose(_target_sizes(y), [0.126437, 0.508166, 0.494683, 0.115648], rtol=1e-4)
     np.testing.assert_allclose(x[:, 1].double().sum((-2, -1)), [5.391292, 5.040572, 5.19261, 5.045352], rtol=1e-5)
+
+
+def test_pooled_stream_sums_nine_exact_poisson_patterns(geometry):
+    """With a vanishing scan step the 9 patterns of a pooled sample coincide: the pooled channel has the centre
+    channel's mean and 1/9 of its variance (a sum of Poisson counts), and the illumination is |P|²/max|P|²."""
+    config = StreamConfig(batch_size=64, electrons_range=(1e3, 1e3), pool=3, pool_step_range=(1e-6, 1e-6))
+    stream = TrainingStream(geometry, config, seed=1)
+    assert stream.in_channels == 3 and not stream.conditioned
+    flat = TrainingStream(geometry, config, seed=1)
+    flat.source.sample = lambda n, shape, sampling, generator: torch.zeros(n, *shape)
+    x, y = flat.batch(0)
+    assert float(y.abs().max()) == 0
+    intensity = np.abs(geometry.probe_fourier) ** 2
+    intensity /= intensity.sum()
+    centre, pooled = x[:, 0].double() ** 2 / 1024, x[:, 1].double() ** 2 / 1024  # counts / electrons
+    np.testing.assert_allclose(pooled.mean(0).numpy(), intensity, atol=4e-4)
+    bright = intensity > intensity.max() / 2
+    ratio = pooled.var(0)[bright].sum() / centre.var(0)[bright].sum()
+    assert float(ratio) == pytest.approx(1 / 9, rel=0.1)
+    illumination = np.abs(geometry.probe) ** 2
+    np.testing.assert_allclose(x[0, 2].numpy(), illumination / illumination.max(), atol=1e-5)
+    torch.testing.assert_close(TrainingStream(geometry, config, seed=1).batch(0)[0], stream.batch(0)[0])
+
+
+def test_pooled_stream_config_is_checked(geometry):
+    with pytest.raises(ValueError, match="pool must be"):
+        StreamConfig(pool=2)
+    with pytest.raises(ValueError, match="pool_step_range"):
+        StreamConfig(pool=3, pool_step_range=(0.5, 0.1))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        StreamConfig(pool=3, aberration_ranges=AberrationRanges(C10=(-120.0, -60.0)))

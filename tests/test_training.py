@@ -309,3 +309,25 @@ def test_probe_conditioned_training_from_a_fixed_model(tmp_path, geometry):
     assert again.step == 4
     with pytest.raises(ValueError, match="width"):
         Trainer(geometry, small_config(width=0.25, stream=config.stream, init_from=str(fixed_path)))
+
+
+def test_pooled_training_from_a_one_pattern_model(tmp_path, geometry):
+    """A pooled run warm-started from a one-pattern model begins with its predictions, takes the loss over the
+    geometry's mask, and exports a pooled (not probe-conditioned) model that carries its step range."""
+    single = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "single"})
+    single_path = single.save(tmp_path / "single.pt")
+    stream = StreamConfig(batch_size=4, pool=3, pool_step_range=(0.2, 0.4))
+    trainer = Trainer(geometry, small_config(stream=stream, init_from=str(single_path)))
+    x, _ = trainer.validation_set()
+    assert x.shape[1] == 3
+    trainer.network.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.network(x), single.network(x[:, :1]))
+    trainer.network.train()
+    assert trainer.loss_mask(x) is trainer.mask
+    trainer.train(progress=False, until=2)
+    model = trainer.export("pooled")
+    assert model.pool == 3 and not model.conditioned and model.pool_step_range == (0.2, 0.4)
+    assert "pooled" in repr(model)
+    with pytest.raises(ValueError, match="probe-conditioned"):
+        model.require_conditioned("recover_probe")

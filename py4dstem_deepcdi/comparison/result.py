@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,23 @@ KIND = "py4dstem-deepcdi comparison"
 
 #: ePIE counts as converged at the first iteration within this correlation (with the truth) of its best
 CONVERGED_WITHIN = 0.005
+
+
+def converged_iterations(correlations: Sequence[float] | None, counts: Iterable[int] | None = None) -> int | None:
+    """The fewest ePIE iterations, among ``counts`` (default: every iteration run), whose correlation with the truth
+    is within :data:`CONVERGED_WITHIN` of the best of those counts; ``correlations[k - 1]`` is the correlation after
+    iteration ``k``. None without correlations.
+
+    Raises ``ValueError`` for a count outside 1 … ``len(correlations)`` or an empty ``counts``.
+    """
+    if not correlations:
+        return None
+    run = len(correlations)
+    chosen = range(1, run + 1) if counts is None else sorted(set(counts))
+    if not chosen or chosen[0] < 1 or chosen[-1] > run:
+        raise ValueError(f"counts must be iterations within 1..{run} (the iterations scored), got {list(chosen)}")
+    best = max(correlations[k - 1] for k in chosen)
+    return next(k for k in chosen if correlations[k - 1] >= best - CONVERGED_WITHIN)
 
 
 @dataclass
@@ -87,11 +105,7 @@ class Comparison:
     def epie_converged_iterations(self) -> int | None:
         """The fewest ePIE iterations whose correlation with the truth is within ``CONVERGED_WITHIN`` of its best
         over the run: the count to compare speed with (None without a truth or stored iterations)."""
-        correlations = self.epie_truth_correlation
-        if not correlations:
-            return None
-        best = max(correlations)
-        return next(k + 1 for k, c in enumerate(correlations) if c >= best - CONVERGED_WITHIN)
+        return converged_iterations(self.epie_truth_correlation)
 
     @property
     def epie_converged_s(self) -> float | None:
