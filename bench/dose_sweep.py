@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--doses", type=float, nargs="+", default=DOSES, help="electrons per pattern")
     parser.add_argument("--epie-iters", type=int, nargs="+", default=EPIE_ITERATIONS, help="ePIE counts tried")
     parser.add_argument("--no-epie", action="store_true", help="deep CDI alone (scored on its own field of view)")
-    parser.add_argument("--anchor-ramp", action="store_true")
+    parser.add_argument("--anchor-ramp", action=argparse.BooleanOptionalAction, default=True, help="the default")
     parser.add_argument("--stitch-fraction", type=float, default=None)
     parser.add_argument("--symmetrize", action="store_true")
     parser.add_argument("--threads", type=int, default=1)

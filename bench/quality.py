@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument(
         "--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²"
     )
-    parser.add_argument("--anchor-ramp", action="store_true", help="anchor the ramp to the patterns' centres of mass")
+    parser.add_argument("--anchor-ramp", action=argparse.BooleanOptionalAction, default=True,
+                        help="anchor the ramp to the patterns' centres of mass (the default)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = as_model(args.model)

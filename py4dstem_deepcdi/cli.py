@@ -416,8 +416,10 @@ def _reconstruct_parser(sub) -> None:
     )
     p.add_argument(
         "--anchor-ramp",
-        action="store_true",
-        help="set the image's mean phase gradient from the patterns' centres of mass (zero after disk centring)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="set the image's mean phase gradient from the patterns' centres of mass (zero after disk centring); "
+        "--no-anchor-ramp for a field of view with a real net phase gradient (a wedge, an edge)",
     )
     p.add_argument("--png", type=Path, default=None, help="also write a figure")
     p.add_argument("--overwrite", action="store_true")

@@ -254,7 +254,7 @@ class DeepCDIReconstruction:
         progress: bool | None = None,
         symmetrize: bool = False,
         stitch_fraction: float | None = None,
-        anchor_ramp: bool = False,
+        anchor_ramp: bool = True,
     ) -> DeepCDIReconstruction:
         """Retrieve one phase patch per pattern with the network and stitch them into ``object_phase``.
 
@@ -291,7 +291,9 @@ class DeepCDIReconstruction:
             removes the long-range ramp of offset-only stitching. With the default disk centring (which removes the
             descan plane and with it the object's own mean tilt) the anchored gradient is zero, right for a field
             of view without a net phase gradient (a crystal or a 2-D material, not an edge or a wedge); with
-            ``preprocess(centre=False)`` on data without descan it is the object's own.
+            ``preprocess(centre=False)`` on data without descan it is the object's own. Default True (measured best
+            on multislice crystals and 2-D materials at every dose, docs/benchmarks.md); pass False for a field of
+            view with a real net phase gradient (a wedge, an edge, a smooth thick object).
         """
         options = stitching if isinstance(stitching, StitchOptions) else StitchOptions(stitching, min_overlap)
         mask = self._stitch_mask(stitch_fraction)

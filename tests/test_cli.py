@@ -65,7 +65,12 @@ def test_simulate_reconstruct_info(tmp_path, model_file, capsys):
     assert stitching["stitch_fraction"] == 0.5
     assert (stitching["method"], stitching["min_overlap"]) == ("relaxation", 0.3)
     assert stitching["anchor_ramp"] and len(stitching["ramp_removed_rad_per_A"]) == 2
-    assert not result["metadata"]["stitching"]["anchor_ramp"]
+    assert result["metadata"]["stitching"]["anchor_ramp"]  # the default
+    kept = tmp_path / "kept.h5"
+    assert main(["reconstruct", str(data), "--output", str(kept), "--energy", "300e3", "--semiangle", "17.1",
+                 "--C10", "-100", "--model", str(model_file), "--rotation", "0", "--no-transpose", "--quiet",
+                 "--precision", "fp32", "--no-anchor-ramp"]) == 0
+    assert not read_reconstruction(kept)["metadata"]["stitching"]["anchor_ramp"]
     assert read_reconstruction(core)["coverage"].sum() < result["coverage"].sum()  # a smaller stitching mask
 
 
