@@ -4,20 +4,26 @@ For every scan size ``n`` (n × n positions) the package simulates a dataset wit
 patterns, ``--electrons`` e⁻/pattern, ``--step`` Å, a random lattice object), then
 
 * deep CDI: ``DeepCDIReconstruction(...).preprocess().reconstruct()`` timed as a whole (preprocess + inference +
-  stitching);
+  stitching), with its parts;
 * ePIE: :func:`py4dstem_deepcdi.comparison.run_epie` (py4DSTEM ``SingleslicePtychography``, ``"GD"``,
-  ``max_batch_size=1``, fixed probe) for ``--iters`` iterations on the same data, probe and positions, keeping the
-  object after every iteration (py4DSTEM's ``store_iterations``, the cheapest per-iteration record: one copy of the
-  object per iteration, no restart) to find the iteration at which ePIE reaches deep CDI's correlation with the truth;
+  ``max_batch_size=1``, fixed probe) for ``--iters`` iterations (default 10) on the same data, probe and positions,
+  keeping the object after every iteration (py4DSTEM's ``store_iterations``);
+* ePIE is reported at the count where it stops improving (``bench/_epie_baseline.py``): of the counts 1, 2, 3, 5, 10
+  (those up to ``--iters``, and ``--iters``), the fewest whose correlation with the truth is within
+  ``CONVERGED_WITHIN`` (0.005) of the best of them; its image is the object after that iteration, its time the run's
+  ``reconstruct`` time × count / iterations run (py4DSTEM's time per iteration is constant; its preprocess is listed
+  separately). The speed ratio is that time over deep CDI's whole time; ``≥`` marks ePIE still improving at its
+  last count (its converged time is then at least the one shown);
 * both are scored against the truth on the common field of view by
   :func:`~py4dstem_deepcdi.comparison.compare_with_epie`.
 
-Large scans: ``--epie-iters-large K`` runs only K ePIE iterations for sizes ≥ ``--large-from`` and extrapolates the
-time of ``--iters`` iterations linearly (py4DSTEM's cost per iteration is constant); such rows are marked.
+Large scans: ``--epie-iters-large K`` runs fewer ePIE iterations for sizes ≥ ``--large-from``: the largest of K, 3
+and the converged counts of the smaller sizes (at most ``--iters``); such rows say how many ran.
 
-    python bench/compare.py --sizes 64 128 256 --iters 50 --threads 2 --model runs/hbn-300kv-17mrad.pt \\
-        --epie-iters-large 10 --out docs/benchmarks.md
-    python bench/compare.py --sizes 16 32 --iters 5 --threads 1 --model untrained      # smoke test
+    python bench/compare.py --sizes 64 128 256 --threads 1 --model hbn-300kv-17mrad
+    python bench/compare.py --sizes 64 128 256 --threads 2 --model hbn-300kv-17mrad --epie-iters-large 3 \\
+        --large-from 256 --out docs/benchmarks.md
+    python bench/compare.py --sizes 16 32 --threads 1 --model untrained      # smoke test
 """
 
 from __future__ import annotations
@@ -54,10 +60,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import py4DSTEM
 import torch
+from _epie_baseline import DEFAULT_ITERATIONS, MIN_ITERATIONS, EPIEBaseline, run_baselines, scored_counts
 
 from py4dstem_deepcdi import DeepCDIModel, DeepCDIReconstruction, ResUNet, load_pretrained, simulate_dataset
 from py4dstem_deepcdi import load_model as load_file
-from py4dstem_deepcdi.comparison import compare_with_epie, run_epie
+from py4dstem_deepcdi.comparison.result import CONVERGED_WITHIN
 from py4dstem_deepcdi.probe import ProbeGeometry
 
 MARK_START = "<!-- bench/compare.py: start -->"
@@ -70,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256], help="scan sizes n (n × n positions)")
-    parser.add_argument("--iters", type=int, default=50, help="ePIE iterations (default 50)")
+    parser.add_argument("--iters", type=int, default=DEFAULT_ITERATIONS,
+                        help=f"ePIE iterations run (default {DEFAULT_ITERATIONS}); scored at 1, 2, 3, 5, 10 up to it")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch, numpy and py4DSTEM")
     parser.add_argument("--model", default=None,
                         help=f"model file or shipped model name; 'untrained' = a tiny random network (smoke test); "
@@ -82,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="deep-CDI network arithmetic")
     parser.add_argument("--step-size", type=float, default=0.5, help="ePIE step size")
     parser.add_argument("--epie-iters-large", type=int, default=None,
-                        help="for sizes >= --large-from run only this many ePIE iterations and extrapolate the time")
+                        help=f"for sizes >= --large-from run only this many ePIE iterations, but at least "
+                             f"{MIN_ITERATIONS} and the converged counts of the smaller sizes")
     parser.add_argument("--large-from", type=int, default=256, help="smallest size that counts as large")
     parser.add_argument("--remove-ramp", action="store_true", help="also remove a linear phase ramp before scoring")
     parser.add_argument("--figures", type=Path, default=None, help="folder for one comparison figure per size")
@@ -131,6 +140,7 @@ def _fmt_res(value: float, sampling: float) -> str:
 
 def _header(args: argparse.Namespace, model_label: str, geometry) -> list[str]:
     """The section's first lines: title, machine, model, data and method settings, the table header."""
+    counts = ", ".join(str(k) for k in scored_counts(args.iters))
     return [
         MARK_START,
         "## Deep CDI vs ePIE (py4DSTEM) on simulated scans",
@@ -140,18 +150,63 @@ def _header(args: argparse.Namespace, model_label: str, geometry) -> list[str]:
         "- data: simulated by `py4dstem_deepcdi.simulate_dataset`, "
         f"{geometry.detector_shape[0]}×{geometry.detector_shape[1]} patterns, {args.electrons:.3g} e⁻/pattern, "
         f"step {args.step} Å, Poisson noise, random lattice object",
-        f"- deep CDI: preprocess + inference ({args.precision}, batch {args.batch_size}) + stitching (lsq)",
+        f"- deep CDI: preprocess + inference ({args.precision}, batch {args.batch_size}) + stitching (lsq), timed as "
+        "a whole (the parts in brackets)",
         f"- ePIE: py4DSTEM SingleslicePtychography GD, max_batch_size=1, step size {args.step_size}, fixed probe, "
-        f"{args.iters} iterations (time of `reconstruct` only; its preprocess is listed separately)",
+        f"{args.iters} iterations run, the object kept after each; scored at {counts} iterations and reported at its "
+        f"converged count: the fewest of those within {CONVERGED_WITHIN} of their best correlation with the truth "
+        "(≥: still improving at the last count). Its time at that count = `reconstruct` time × count / iterations "
+        "run (constant time per iteration); its preprocess is in the notes, not in the ratio",
+        "- ePIE / deep CDI: ePIE's time at its converged count over deep CDI's whole time (< 1: deep CDI slower)",
         "- scores on the common field of view after offset removal"
         + (" and linear-ramp removal" if args.remove_ramp else "")
-        + "; FRC resolution at 0.143 in Å (≤x: no crossing up to Nyquist)",
+        + ", ePIE's at its converged count; FRC resolution against the truth at 0.143 in Å (≤x: no crossing up to "
+        "Nyquist); phase scale: 1 = right contrast",
         "",
-        f"| scan | positions | deep CDI (s) | ePIE {args.iters} it. (s) | ePIE / deep CDI | corr. deep CDI "
-        "| corr. ePIE | FRC 0.143 deep CDI (Å) | FRC 0.143 ePIE (Å) | ePIE it. to match "
-        "| FRC deep vs ePIE 0.5 / 0.143 (Å) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scan | positions | deep CDI (s) (preprocess / inference / stitching) | ePIE converged (it.) "
+        "| ePIE at that count (s) | ePIE / deep CDI | corr. deep CDI | corr. ePIE | corr. ePIE at 1 it. "
+        "| phase scale deep CDI / ePIE | FRC 0.143 deep CDI / ePIE (Å) | ePIE it. to match deep CDI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+
+def epie_iterations(args: argparse.Namespace, n: int, converged: list[int]) -> int:
+    """ePIE iterations to run for size ``n``: ``--iters``, or for a large scan with ``--epie-iters-large`` the largest
+    of that, :data:`MIN_ITERATIONS` and the converged counts of the smaller sizes (``converged``), at most
+    ``--iters``."""
+    if args.epie_iters_large is None or n < args.large_from:
+        return args.iters
+    return min(args.iters, max(args.epie_iters_large, MIN_ITERATIONS, *converged))
+
+
+def _row(n: int, deep_s: float, timings: dict[str, float], b: EPIEBaseline, full_iters: int) -> str:
+    """The table row of one scan size."""
+    c, s = b.comparison, b.comparison.sampling[0]
+    deep_t, epie_t = c.vs_truth["deep_cdi"], c.vs_truth["epie"]
+    match = b.full.epie_iterations_to_match
+    shortened = f", of {b.run} run" if b.run < full_iters else ""
+    return (
+        f"| {n}×{n} | {n * n} | {deep_s:.2f} ({timings['preprocess_s']:.2f} / {timings['inference_s']:.2f} / "
+        f"{timings['stitching_s']:.2f}) | {b.count_text()}{shortened} | {'≥' if b.still_improving else ''}"
+        f"{b.seconds:.2f} | {b.ratio_text(deep_s)} | {deep_t['correlation']:.3f} | {epie_t['correlation']:.3f} "
+        f"| {b.correlations[1]:.3f} | {deep_t['phase_scale']:.2f} / {epie_t['phase_scale']:.2f} "
+        f"| {_fmt_res(deep_t['resolution_A']['0.143'], s)} / {_fmt_res(epie_t['resolution_A']['0.143'], s)} "
+        f"| {match if match is not None else f'>{b.run}'} |"
+    )
+
+
+def _note(n: int, recon, b: EPIEBaseline) -> str:
+    """The notes line of one scan size: rates, ePIE's preprocess and its correlation at every scored count."""
+    c, s = b.comparison, b.comparison.sampling[0]
+    by_count = ", ".join(f"{k} it. {v:.3f}" for k, v in b.correlations.items())
+    return (
+        f"{n}×{n}: deep CDI {recon.timings['patterns_per_s']:.0f} patterns/s; ePIE preprocess "
+        f"{b.full.epie.preprocess_s:.2f} s, {b.full.epie.ms_per_position_iteration:.3f} ms/position/iteration, "
+        f"{b.full.timings['epie_s']:.1f} s for the {b.run} iterations run; ePIE corr. with the truth by iterations: "
+        f"{by_count}; FRC deep CDI vs ePIE at {b.iterations} it. {_fmt_res(c.resolution_A['0.5'], s)} (0.5) / "
+        f"{_fmt_res(c.resolution_A['0.143'], s)} (0.143) Å; common field of view "
+        f"{c.deep_phase.shape[0]}×{c.deep_phase.shape[1]} px"
+    )
 
 
 def run(args: argparse.Namespace) -> str:
@@ -160,9 +215,9 @@ def run(args: argparse.Namespace) -> str:
     model, model_label = load_model(args.model)
     geometry = model.geometry
     lines = _header(args, model_label, geometry)
-    notes = []
+    notes, converged = [], []
     print("\n".join(lines[1:]), flush=True)
-    for n in args.sizes:
+    for n in sorted(args.sizes):
         ds = simulate_dataset(geometry, scan_shape=(n, n), scan_step=args.step, electrons=args.electrons,
                               seed=args.seed + n)
         start = time.perf_counter()
@@ -172,50 +227,22 @@ def run(args: argparse.Namespace) -> str:
         )
         recon.preprocess().reconstruct(batch_size=args.batch_size, precision=args.precision, progress=False)
         deep_s = time.perf_counter() - start
-        large = args.epie_iters_large is not None and n >= args.large_from
-        iters = min(args.epie_iters_large, args.iters) if large else args.iters
-        epie = run_epie(recon, num_iter=iters, step_size=args.step_size, store_iterations=True, progress=False,
-                        seed=args.seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            c = compare_with_epie(recon, epie=epie, ground_truth=ds, remove_ramp=args.remove_ramp,
-                                  adf=args.figures is not None, progress=False)
-        for w in caught:
-            notes.append(f"{n}×{n}: {w.message}")
-        epie_s = epie.time_s * args.iters / iters
-        extrapolated = iters < args.iters
-        s = c.sampling[0]
-        deep_t, epie_t = c.vs_truth["deep_cdi"], c.vs_truth["epie"]
-        match = c.epie_iterations_to_match
-        row = (
-            f"| {n}×{n} | {n * n} | {deep_s:.2f} | {'≈' if extrapolated else ''}{epie_s:.1f}"
-            f"{f' (from {iters} it.)' if extrapolated else ''} | {'≈' if extrapolated else ''}{epie_s / deep_s:.1f}× "
-            f"| {deep_t['correlation']:.3f} "
-            f"| {epie_t['correlation']:.3f}{f' (at {iters} it.)' if extrapolated else ''} "
-            f"| {_fmt_res(deep_t['resolution_A']['0.143'], s)} | {_fmt_res(epie_t['resolution_A']['0.143'], s)} "
-            f"| {match if match is not None else f'>{iters}'} "
-            f"| {_fmt_res(c.resolution_A['0.5'], s)} / {_fmt_res(c.resolution_A['0.143'], s)} |"
-        )
+            b = run_baselines(recon, ds, num_iter=epie_iterations(args, n, converged), remove_ramp=(args.remove_ramp,),
+                              epie_kwargs={"step_size": args.step_size, "seed": args.seed},
+                              adf=args.figures is not None)[0]
+        notes += sorted({f"{n}×{n}: {w.message}" for w in caught})
+        converged.append(b.run if b.still_improving else b.iterations)
+        row = _row(n, deep_s, recon.timings, b, args.iters)
         lines.append(row)
         print(row, flush=True)
-        notes.append(
-            f"{n}×{n}: deep CDI preprocess {recon.timings['preprocess_s']:.2f} s, "
-            f"inference {recon.timings['inference_s']:.2f} s ({recon.timings['patterns_per_s']:.0f} patterns/s), "
-            f"stitching {recon.timings['stitching_s']:.2f} s; ePIE preprocess {epie.preprocess_s:.2f} s, "
-            f"{epie.ms_per_position_iteration:.3f} ms/position/iteration; phase scale (1 = right contrast) "
-            f"deep CDI {deep_t['phase_scale']:.2f}, ePIE {epie_t['phase_scale']:.2f}; "
-            f"common field of view {c.deep_phase.shape[0]}×{c.deep_phase.shape[1]} px"
-        )
+        notes.append(_note(n, recon, b))
         if args.figures is not None:
             matplotlib.use("Agg")
             args.figures.mkdir(parents=True, exist_ok=True)
-            plt.close(c.visualize(path=args.figures / f"compare_{n}x{n}.png"))
-        del recon, ds, epie, c
-    if any(args.epie_iters_large is not None and n >= args.large_from for n in args.sizes):
-        notes.append(
-            f"rows marked ≈ ran {args.epie_iters_large} ePIE iterations; their time is extrapolated linearly to "
-            f"{args.iters} iterations and their ePIE correlation is the one after {args.epie_iters_large} iterations"
-        )
+            plt.close(b.comparison.visualize(path=args.figures / f"compare_{n}x{n}.png"))
+        del recon, ds, b
     lines += ["", "Notes:", *[f"- {note}" for note in notes], MARK_END]
     print("\n".join(lines[-len(notes) - 2 : -1]), flush=True)
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ this package's one:
     python bench/multislice.py score --data runs/multislice --threads 2         # table of deep CDI vs ePIE
     python bench/multislice.py ramps --model hbn-300kv-17mrad                   # stitching options vs the ramp
     python bench/multislice.py vacuum --dataset hbn_monolayer                   # its vacuum pattern, to fine-tune with
-    python bench/multislice.py resimulate --datasets srtio3_8A --epie-iters 20  # abTEM's truth, this package's physics
+    python bench/multislice.py resimulate --datasets srtio3_8A --epie-iters 10  # abTEM's truth, this package's physics
 
 Datasets (300 keV, 17.1 mrad, C10 = −100 Å as the shipped model, sharp aperture as in abTEM, 0.25 Å steps, 1.6·10⁶
 e⁻/Å², Poisson noise): a monolayer of hexagonal BN, a monolayer of 2H-MoS2 and [001] SrTiO3 of 39 Å (10 unit cells)
@@ -18,7 +18,11 @@ the ground-truth phase σ·V_projected (rad) band-limited to the ptychographic i
 with the scan positions in that grid's frame.
 
 Scores (``comparison.score_against_truth``): correlation with and without ramp removal, RMS after scale+offset, phase
-scale, and the twin check (correlation with the point-reflected truth).
+scale, and the twin check (correlation with the point-reflected truth). ePIE (``score`` and ``resimulate``) runs
+``--epie-iters`` iterations (default 10 for ``score``) once and is reported at its converged count
+(``bench/_epie_baseline.py``: the fewest of 1, 2, 3, 5, 10 within 0.005 of their best correlation with the truth),
+with its time at that count (run time × count / iterations run); deep CDI's time is preprocess + inference +
+stitching, and the speed ratio is ePIE's time at that count over it.
 """
 
 from __future__ import annotations
@@ -178,6 +182,67 @@ def _deep_cdi(dc, f, model: str, centre: bool = True, **reconstruct):
     )
 
 
+def _epie_scores(row: dict, recon, truth, epie_iters: int, vacuum: np.ndarray, deep_s: float) -> None:
+    """Add ePIE at its converged count (``bench/_epie_baseline.py``: one run of ``epie_iters`` iterations, scored at
+    1, 2, 3, 5, 10 up to it) and deep CDI to ``row``: correlations with and without ramp removal, RMS, phase scale,
+    twin check, ePIE's count, its time at that count and the speed ratio against deep CDI's ``deep_s`` (s)."""
+    from _epie_baseline import run_baselines
+
+    from py4dstem_deepcdi.comparison import remove_background, score_against_truth
+
+    baselines = run_baselines(recon, truth, num_iter=epie_iters, remove_ramp=(False, True),
+                              epie_kwargs={"vacuum_probe_intensity": vacuum})
+    for b in baselines:
+        comparison = b.comparison
+        ramp = comparison.remove_ramp
+        suffix = "_ramp_removed" if ramp else ""
+        for method in ("deep_cdi", "epie"):
+            s = comparison.vs_truth[method]
+            row[f"{method}_corr{suffix}"] = round(s["correlation"], 4)
+            if not ramp:
+                row[f"{method}_rms_rad"] = round(s["rms_rad"], 4)
+                row[f"{method}_scale"] = round(s["phase_scale"], 3)
+                image = comparison.deep_phase if method == "deep_cdi" else comparison.epie_phase
+                twin = score_against_truth(
+                    image, remove_background(comparison.truth_phase[::-1, ::-1]), comparison.sampling
+                )
+                row[f"{method}_twin_corr"] = round(twin["correlation"], 4)
+    b = baselines[0]
+    row.update({
+        "epie_iterations": b.iterations,
+        "epie_still_improving": b.still_improving,
+        "epie_iterations_run": b.run,
+        "epie_corr_by_iterations": {k: round(v, 4) for k, v in b.correlations.items()},
+        "epie_s": round(b.seconds, 2),
+        "epie_preprocess_s": round(b.full.epie.preprocess_s, 2),
+        "epie_over_deep_cdi": round(b.ratio(deep_s), 3),
+        "speed": b.ratio_text(deep_s),
+    })
+
+
+def _score_table(rows: list[dict]) -> str:
+    """The markdown table of ``score``'s rows: correlations (ramp removed in brackets), ePIE's converged count and
+    both times (s), the speed ratio against that count."""
+    lines = [
+        "| dataset | deep CDI corr. | ePIE corr. | ePIE converged (it.) | ePIE corr. at 1 it. | scale deep / ePIE "
+        "| time deep CDI / ePIE at that count (s) | ePIE / deep CDI |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "epie_iterations" not in r:
+            lines.append(f"| {r['dataset']} | {r['deep_cdi_corr']:.3f} ({r['deep_cdi_corr_ramp_removed']:.3f}) "
+                         f"| | | | {r['deep_cdi_scale']:.2f} | {r['deep_cdi_s']:.1f} | |")
+            continue
+        count = f"{'≥' if r['epie_still_improving'] else ''}{r['epie_iterations']} of {r['epie_iterations_run']}"
+        lines.append(
+            f"| {r['dataset']} | {r['deep_cdi_corr']:.3f} ({r['deep_cdi_corr_ramp_removed']:.3f}) "
+            f"| {r['epie_corr']:.3f} ({r['epie_corr_ramp_removed']:.3f}) | {count} "
+            f"| {r['epie_corr_by_iterations'][1]:.3f} | {r['deep_cdi_scale']:.2f} / {r['epie_scale']:.2f} "
+            f"| {r['deep_cdi_s']:.1f} / {r['epie_s']:.1f} | {r['speed']} |"
+        )
+    return "\n".join(lines)
+
+
 def score(
     data: Path,
     model: str,
@@ -190,14 +255,12 @@ def score(
     datasets: list[str] | None = None,
     anchor_ramp: bool = False,
 ) -> None:
+    """Deep CDI (timed as a whole: preprocess + inference + stitching) and, unless ``epie`` is False, ePIE at its
+    converged count, scored against every dataset's truth; prints one JSON row per dataset and a markdown table, and
+    writes the rows to ``out``."""
     import torch
 
-    from py4dstem_deepcdi.comparison import (
-        compare_with_epie,
-        remove_background,
-        score_against_truth,
-        score_reconstruction,
-    )
+    from py4dstem_deepcdi.comparison import score_reconstruction
 
     torch.set_num_threads(threads)
     rows = []
@@ -210,44 +273,19 @@ def score(
             "dataset": path.stem,
             "thickness_A": float(f["thickness_A"]),
             "patterns": int(np.prod(f["counts"].shape[:2])),
+            "deep_cdi_s": round(deep_s, 2),
         }
-        if not epie:  # deep CDI alone, with the same scores
+        if epie:
+            _epie_scores(row, recon, truth, epie_iters, f["vacuum"], deep_s)
+        else:  # deep CDI alone, with the same scores
             for ramp in (False, True):
                 s = score_reconstruction(recon, truth, remove_ramp=ramp)
                 row["deep_cdi_corr_ramp_removed" if ramp else "deep_cdi_corr"] = round(s["correlation"], 4)
                 if not ramp:
                     row["deep_cdi_rms_rad"], row["deep_cdi_scale"] = round(s["rms_rad"], 4), round(s["phase_scale"], 3)
-        epie_result = None  # one ePIE run, scored with and without ramp removal
-        for ramp in (False, True) if epie else ():
-            comparison = compare_with_epie(
-                recon,
-                num_iter=epie_iters,
-                remove_ramp=ramp,
-                ground_truth=truth,
-                adf=False,
-                progress=False,
-                epie_kwargs={"vacuum_probe_intensity": f["vacuum"]},
-                epie=epie_result,
-            )
-            epie_result = comparison.epie
-            suffix = "_ramp_removed" if ramp else ""
-            for method in ("deep_cdi", "epie"):
-                s = comparison.vs_truth[method]
-                row[f"{method}_corr{suffix}"] = round(s["correlation"], 4)
-                if not ramp:
-                    row[f"{method}_rms_rad"] = round(s["rms_rad"], 4)
-                    row[f"{method}_scale"] = round(s["phase_scale"], 3)
-                    image = comparison.deep_phase if method == "deep_cdi" else comparison.epie_phase
-                    twin = score_against_truth(
-                        image, remove_background(comparison.truth_phase[::-1, ::-1]), comparison.sampling
-                    )
-                    row[f"{method}_twin_corr"] = round(twin["correlation"], 4)
-        row["deep_cdi_s"] = round(deep_s, 1)
-        if epie:
-            row["epie_s"] = round(comparison.timings["epie_s"], 1)
-            row["epie_iterations"] = epie_iters
         rows.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
+    print(_score_table(rows))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
@@ -313,9 +351,10 @@ def resimulate(
     """The abTEM truth re-simulated with this package's forward model and the model's own probe (same scan, same
     electrons per pattern), reconstructed and scored: separates the network's error from the physics mismatch."""
     import torch
+    from _epie_baseline import run_baselines
     from scipy.ndimage import map_coordinates
 
-    from py4dstem_deepcdi.comparison import compare_with_epie, score_reconstruction
+    from py4dstem_deepcdi.comparison import score_reconstruction
     from py4dstem_deepcdi.models import as_model
     from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
     from py4dstem_deepcdi.simulation import simulate_dataset
@@ -325,7 +364,7 @@ def resimulate(
     g = loaded.geometry
     print(
         f"model {model}\n| dataset | phase × | deep CDI corr. (ramp removed) | RMS (rad) | scale | "
-        "ePIE corr. (ramp removed) |"
+        "ePIE corr. (ramp removed), converged count |"
         "\n|---|---|---|---|---|---|"
     )
     for path in _dataset_files(data, datasets):
@@ -349,20 +388,11 @@ def resimulate(
             )
             plain, flat = (score_reconstruction(recon, ds, remove_ramp=r) for r in (False, True))
             epie = ""
-            if epie_iters:  # one ePIE run, scored with and without ramp removal
-                plain_epie = compare_with_epie(
-                    recon,
-                    num_iter=epie_iters,
-                    ground_truth=ds,
-                    adf=False,
-                    progress=False,
-                    epie_kwargs={"vacuum_probe_intensity": g.vacuum_probe_intensity},
-                )
-                flat_epie = compare_with_epie(
-                    recon, remove_ramp=True, ground_truth=ds, adf=False, progress=False, epie=plain_epie.epie
-                )
-                plain_c, flat_c = (c.vs_truth["epie"]["correlation"] for c in (plain_epie, flat_epie))
-                epie = f"{plain_c:.3f} ({flat_c:.3f})"
+            if epie_iters:  # one ePIE run, scored at its converged count with and without ramp removal
+                plain_b, flat_b = run_baselines(recon, ds, num_iter=epie_iters, remove_ramp=(False, True),
+                                                epie_kwargs={"vacuum_probe_intensity": g.vacuum_probe_intensity})
+                plain_c, flat_c = (b.comparison.vs_truth["epie"]["correlation"] for b in (plain_b, flat_b))
+                epie = f"{plain_c:.3f} ({flat_c:.3f}), {plain_b.count_text()} it."
             print(
                 f"| {path.stem} | {scale:g} | {plain['correlation']:.3f} ({flat['correlation']:.3f}) | "
                 f"{plain['rms_rad']:.4f} | {plain['phase_scale']:.2f} | {epie} |",
@@ -391,7 +421,8 @@ def main() -> None:
     p = sub.add_parser("score", help="deep CDI and ePIE against the ground truth")
     p.add_argument("--data", type=Path, default=Path("runs/multislice"))
     p.add_argument("--model", default="hbn-300kv-17mrad")
-    p.add_argument("--epie-iters", type=int, default=20)
+    p.add_argument("--epie-iters", type=int, default=10,
+                   help="ePIE iterations run; reported at its converged count of 1, 2, 3, 5, 10 up to it")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/multislice/scores.json"))
     p.add_argument("--symmetrize", action="store_true", help="average deep-CDI patches over the probe's symmetries")
@@ -411,7 +442,9 @@ def main() -> None:
     p.add_argument("--model", default="hbn-300kv-17mrad")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all)")
-    p.add_argument("--epie-iters", type=int, default=0, help="also ePIE on the re-simulated data (0: not)")
+    p.add_argument("--epie-iters", type=int, default=0,
+                   help="also ePIE on the re-simulated data, this many iterations run, reported at its converged count "
+                        "(0: not)")
     p.add_argument("--phase-scales", type=float, nargs="+", default=[1.0], help="multiply the truth by these")
     p.add_argument("--stitch-fraction", type=float, default=None, help="stitch the disk holding this fraction of |P|²")
     p.add_argument(
