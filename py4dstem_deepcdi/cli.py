@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 import types
@@ -16,13 +17,15 @@ import numpy as np
 import py4DSTEM
 import torch
 
+from .backend import torch_device
 from .comparison import compare_with_epie
-from .io import atomic_path, read_result
+from .io import atomic_path, check_outputs, check_writable, read_result, save_json, terminate_raises
 from .models import as_model, list_pretrained, load_model
 from .preprocessing import resample_vacuum
 from .probe import POLAR_NAMES, AberrationRanges, ProbeGeometry
 from .probe_recovery import RecoveryOptions, recover_probe
 from .reconstruction import DeepCDIReconstruction
+from .runtimes import DEFAULT_PRECISIONS, RUNTIMES
 from .simulation import simulate_dataset
 from .stitching import StitchOptions
 from .stream import StreamConfig
@@ -144,7 +147,39 @@ def geometry_from_args(args: argparse.Namespace):
     return geometry.replace(vacuum_probe_intensity=vacuum)
 
 
+# ------------------------------------------------------------------------------- checks before any computation
+def _require(ok: bool, flag: str, value, allowed: str) -> None:
+    """``ValueError`` naming the flag, its value and what it may be unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{flag} must be {allowed}, got {value!r}")
+
+
+def _positive(value: float | None) -> bool:
+    """None (not given) or a positive finite number."""
+    return value is None or (math.isfinite(value) and value > 0)
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    """``ValueError`` for a --threads below 0 or a --device that does not exist, before anything is computed."""
+    _require(getattr(args, "threads", 0) >= 0, "--threads", getattr(args, "threads", 0), ">= 0 (0: torch's default)")
+    if hasattr(args, "device"):
+        torch_device(args.device)
+
+
+def _model_input(model) -> Path | None:
+    """The model file a --model/--init-from value names (None for a shipped model's name or none)."""
+    return Path(model) if model is not None and Path(model).is_file() else None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    check_common_arguments(args)
+    checkpoint = args.checkpoint or args.output.with_suffix(".ckpt")
+    outputs = {"--output": args.output, "history": args.output.with_suffix(".history.json"),
+               "history figure": args.output.with_suffix(".history.png")}
+    inputs = {"--init-from": _model_input(getattr(args, _dest(TrainConfig, "init_from"))),
+              "--vacuum-probe": args.vacuum_probe, "--checkpoint": checkpoint}
+    check_outputs(outputs, inputs, overwrite=args.overwrite)
+    check_writable(checkpoint)  # resumed if it exists, written either way
     _threads(args)
     geometry = geometry_from_args(args)
     stream = StreamConfig(
@@ -154,17 +189,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         else None,
     )
     config = TrainConfig(**options_from_args(TrainConfig, args), stream=stream)
-    checkpoint = args.checkpoint or args.output.with_suffix(".ckpt")
     trainer = Trainer(geometry, config, checkpoint=checkpoint, device=args.device, portable_checkpoint=args.portable)
-    if trainer.step:
+    if trainer.step >= config.steps:
+        print(f"{checkpoint} is already at step {trainer.step} = --steps: exported as it is", file=sys.stderr)
+    elif trainer.step:
         print(f"resuming from {checkpoint} at step {trainer.step}", file=sys.stderr)
     history = trainer.train(progress=not args.quiet)
     model = trainer.export(name=args.name, description=args.description)
-    model.save(args.output, half_precision=args.half, overwrite=True)
-    plot_history(history, args.output.with_suffix(".history.png"), loss=config.loss)
-    with open(args.output.with_suffix(".history.json"), "w") as f:
-        json.dump(history, f, indent=1)
-    last = history[-1]
+    model.save(args.output, half_precision=args.half, overwrite=args.overwrite)
+    if history:
+        plot_history(history, args.output.with_suffix(".history.png"), loss=config.loss)
+    save_json(args.output.with_suffix(".history.json"), history)
+    last = model.metadata["training"]
     print(
         f"step {trainer.step}/{config.steps}: {last['samples']} samples in {last['minutes']:.1f} min, "
         f"validation masked L1 {last['val_l1']:.4f} rad (predicting zero: {last['val_l1_zero']:.4f}), "
@@ -174,6 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads from --threads (0: leave torch's default)."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
 
@@ -232,17 +269,40 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotation", type=float, default=None, help="scan rotation (deg); estimated if omitted")
     p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None, help="scan transpose")
     p.add_argument("--subsample", type=int, default=1, help="use every n-th scan position")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument(
+        "--precision", choices=("bf16", "fp32", "int8"), default=None,
+        help="network arithmetic (default bf16; fp32 for --runtime onnxruntime; int8: onnxruntime or openvino)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
 
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """``ValueError`` for a data argument (:func:`_add_data_arguments`) out of its range, before the data are read.
+
+    --energy, --semiangle, --step, --angular-sampling: positive and finite; --rotation and the aberrations: finite;
+    --subsample: >= 1; --threads: >= 0; --device: one that exists here.
+    """
+    check_common_arguments(args)
+    for flag, value in (("--energy", args.energy), ("--semiangle", args.semiangle), ("--step", args.step),
+                        ("--angular-sampling", args.angular_sampling)):
+        _require(_positive(value), flag, value, "a positive finite number")
+    for flag, value in [("--rotation", args.rotation), *((f"--{n}", getattr(args, n)) for n in POLAR_NAMES)]:
+        _require(value is None or math.isfinite(value), flag, value, "a finite number")
+    _require(args.subsample >= 1, "--subsample", args.subsample, ">= 1 (every n-th scan position)")
+
+
+def _data_outputs(args: argparse.Namespace) -> None:
+    """Check the data arguments and the output files of `reconstruct`/`recover-probe` before reading anything."""
+    check_data_arguments(args)
+    inputs = {"input": args.input, "--model": _model_input(args.model), "--probe": getattr(args, "probe", None)}
+    check_outputs({"--output": args.output, "--png": args.png}, inputs, overwrite=args.overwrite)
+
+
 def _reconstruction_from_args(args: argparse.Namespace, probe=None):
     """The DeepCDIReconstruction (not yet preprocessed) that the data arguments describe."""
     _threads(args)
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     datacube, _ = _read_datacube(args.input)
     aberrations = {name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}
     return DeepCDIReconstruction(
@@ -253,6 +313,9 @@ def _reconstruction_from_args(args: argparse.Namespace, probe=None):
 
 
 def cmd_recover_probe(args: argparse.Namespace) -> int:
+    _data_outputs(args)
+    options = options_from_args(RecoveryOptions, args, exclude=RECOVERY_NOT_ON_CLI)
+    RecoveryOptions(**options)  # invalid search settings fail here, before the data are read
     given = {name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}
     model = as_model(args.model)
     model.require_conditioned("recover-probe")
@@ -260,11 +323,11 @@ def cmd_recover_probe(args: argparse.Namespace) -> int:
     args.model = model
     recon = _reconstruction_from_args(args, probe=reference)
     result = recover_probe(
-        recon, initial=None if args.random_start else reference, precision=args.precision, progress=not args.quiet,
-        **options_from_args(RecoveryOptions, args, exclude=RECOVERY_NOT_ON_CLI),
+        recon, initial=None if args.random_start else reference, precision=args.precision or "bf16",
+        progress=not args.quiet,
+        **options,
     )
-    with atomic_path(args.output) as tmp:
-        tmp.write_text(json.dumps(result.to_dict(), indent=1))
+    save_json(args.output, result.to_dict())
     if args.png:
         result.visualize(path=args.png)
     print(result)
@@ -284,10 +347,15 @@ def _probe_file(path: Path) -> dict:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    _data_outputs(args)
+    stitching = StitchOptions(**options_from_args(StitchOptions, args))
+    fraction = args.stitch_fraction
+    _require(fraction is None or 0 < fraction <= 1, "--stitch-fraction", fraction, "in (0, 1] (of the probe intensity)")
     recon = _reconstruction_from_args(args, probe=_probe_file(args.probe) if args.probe else None)
     recon.preprocess().reconstruct(
-        precision=args.precision,
-        stitching=StitchOptions(**options_from_args(StitchOptions, args)),
+        precision=args.precision or DEFAULT_PRECISIONS[args.runtime],
+        runtime=args.runtime,
+        stitching=stitching,
         symmetrize=args.symmetrize,
         stitch_fraction=args.stitch_fraction,
         anchor_ramp=args.anchor_ramp,
@@ -300,6 +368,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    check_common_arguments(args)
+    _require(args.scan >= 2, "--scan", args.scan, ">= 2 (positions per side)")
+    for flag, value in (("--step", args.step), ("--dose", args.dose)):
+        _require(_positive(value), flag, value, "a positive finite number")
+    _require(args.epie_iters >= 1, "--epie-iters", args.epie_iters, ">= 1")
+    for name in ("demo.h5", "demo.png"):  # overwritten by design
+        check_writable(args.out / name)
     _threads(args)
     start = time.perf_counter()
     model = as_model(args.model)
@@ -355,7 +430,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a network for one probe geometry on simulated data (resumable)")
     _add_geometry_arguments(p)
-    p.add_argument("--output", type=Path, required=True, help="model file to write (.pt)")
+    p.add_argument(
+        "--output", type=Path, required=True,
+        help="model file to write (.pt), with OUTPUT.history.json/.png; an existing one is kept unless --overwrite",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output (and its history files)"
+    )
     p.add_argument(
         "--checkpoint", type=Path, default=None, help="checkpoint file (default OUTPUT.ckpt); resumes if present"
     )
@@ -393,7 +474,7 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_simulate)
+    p.set_defaults(func=cmd_simulate, rolloff=0.0)  # the shipped model's sharp aperture (its geometry's defaults)
 
 
 def _reconstruct_parser(sub) -> None:
@@ -401,6 +482,8 @@ def _reconstruct_parser(sub) -> None:
     _add_data_arguments(p)
     p.add_argument("--output", type=Path, required=True, help="EMD file for the phase image (.h5)")
     p.add_argument("--probe", type=Path, default=None, help="JSON file of `recover-probe` whose aberrations to use")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="network runtime (onnxruntime, openvino: CPU, pip extras 'onnx', 'openvino')")
     add_options(p.add_argument_group("stitching (StitchOptions)"), StitchOptions)
     p.add_argument(
         "--symmetrize",
@@ -485,11 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `deepcdi` command; returns the exit status (2 with a one-line message for a refused input, an
+    unwritable output or a full disk). SIGTERM ends the command through its ``finally`` clauses (no temporary
+    files left, :func:`~py4dstem_deepcdi.io.terminate_raises`) with status 143."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+        with terminate_raises():
+            return args.func(args)
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"deepcdi {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

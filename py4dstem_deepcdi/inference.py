@@ -4,11 +4,13 @@ Units: the network input is the normalised diffraction amplitude of :func:`~py4d
 (``sqrt(counts / electrons × N_pixels)``, dimensionless, ≥ 0); the output is the object phase of each patch (rad),
 zero outside the model's illuminated mask and with zero mean inside it (the zero frequency is unrecoverable and is
 set by stitching). The network runs as prepared by :mod:`~py4dstem_deepcdi.runtime` (BatchNorm folded, bf16 where
-native), cached on the model.
+native) or, with ``runtime="onnxruntime"``/``"openvino"``, in an optional runtime (:mod:`~py4dstem_deepcdi.runtimes`),
+cached on the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -18,7 +20,11 @@ from tqdm.auto import tqdm
 
 from .backend import torch_device
 from .encoding import pooled_illumination, probe_channels, remove_mask_mean
-from .runtime import prepared_network
+from .runtimes import CALIBRATION_SAMPLES, inference_network
+from .stream import StreamConfig, TrainingStream
+
+#: the stream worker whose samples calibrate int8 graphs (the training stream's workers count up from 0)
+CALIBRATION_WORKER = 1_000_003
 
 
 # ---------------------------------------------------------------------------------------------------- prediction
@@ -89,6 +95,35 @@ def probe_symmetries(probe: np.ndarray, tolerance: float = 1e-6) -> list[int]:
     ]
 
 
+def calibration_inputs(model, samples: int = CALIBRATION_SAMPLES, seed: int = 0) -> np.ndarray:
+    """(samples, C, N, N) float32 network inputs from the model's training stream, to calibrate an int8 graph.
+
+    The stream is :class:`~py4dstem_deepcdi.stream.TrainingStream` on the model's geometry with the settings it was
+    trained with (``model.metadata["training_set"]``: dose, phase and probe ranges, pooling; the default photographs
+    instead of a user's image folder), seeded by ``seed`` on its own worker, so the inputs are reproducible.
+
+    Raises
+    ------
+    ValueError
+        If ``samples`` < 1, or the stream's input channels differ from the network's.
+    """
+    if int(samples) < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    names = {f.name for f in dataclasses.fields(StreamConfig)}
+    trained = {k: v for k, v in model.metadata.get("training_set", {}).items() if k in names}
+    trained.update(batch_size=int(samples), image_folder=None)
+    if model.geometry.vacuum_probe_intensity is not None:
+        trained["edge_width_range"] = None
+    stream = TrainingStream(model.geometry, StreamConfig(**trained), seed=seed, worker=CALIBRATION_WORKER)
+    channels = int(getattr(model.network, "in_channels", 1))
+    if stream.in_channels != channels:
+        raise ValueError(
+            f"the model's training stream has {stream.in_channels} input channels, its network {channels}; "
+            "its metadata lacks the training set's aberration_ranges or pool"
+        )
+    return stream.batch(0)[0].cpu().numpy()
+
+
 def _as_batch(part: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """One batch of a chunk as a float32 tensor on ``device``."""
     if isinstance(part, np.ndarray):
@@ -97,16 +132,18 @@ def _as_batch(part: np.ndarray | torch.Tensor, device: torch.device) -> torch.Te
 
 
 class _Runner:
-    """Everything one prediction call needs: the prepared net, the mask, the batch size and the progress bar."""
+    """Everything one prediction call needs: the network (of its runtime), the mask, the batch size and the progress
+    bar."""
 
     def __init__(self, model, batch_size: int, precision: str, device: str, compile: bool, progress: bool, total,  # noqa: A002
-                 geometry=None, symmetrize: bool = False, neighbour_offsets=None):
+                 geometry=None, symmetrize: bool = False, neighbour_offsets=None, runtime: str = "torch"):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.device = torch_device(device)
         self.shape = tuple(int(n) for n in model.geometry.detector_shape)
-        self.net = prepared_network(model, precision, self.device, compile)
+        self.net = inference_network(model, runtime, precision, self.device, compile,
+                                     calibration=lambda: calibration_inputs(model))
         self.condition = None
         if model.conditioned:  # the probe is an input: its channels, and its own mask
             geometry = geometry if geometry is not None else model.geometry
@@ -199,6 +236,7 @@ def predict(
     symmetrize: bool = False,
     pooled: np.ndarray | torch.Tensor | None = None,
     neighbour_offsets: np.ndarray | None = None,
+    runtime: str = "torch",
 ) -> np.ndarray:
     """Phase patches (rad) retrieved by the network from diffraction amplitudes.
 
@@ -214,9 +252,11 @@ def predict(
     batch_size
         Patterns per forward pass; bounds the memory (activations ≈ 0.5 MB per pattern for the paper network).
     precision
-        ``"bf16"`` (default; falls back to ``"fp32"`` with a warning where not native) or ``"fp32"``.
+        Network arithmetic, one of ``runtimes.RUNTIME_PRECISIONS[runtime]``: torch ``"bf16"`` (default; falls back to
+        ``"fp32"`` with a warning where not native) or ``"fp32"``; onnxruntime ``"fp32"`` or ``"int8"``; openvino
+        ``"fp32"``, ``"bf16"`` or ``"int8"``. ``"int8"`` graphs are calibrated on :func:`calibration_inputs`.
     device
-        ``"cpu"`` or ``"gpu"``.
+        ``"cpu"`` or ``"gpu"`` (the optional runtimes: ``"cpu"`` only).
     compile
         Use ``torch.compile`` (the first call compiles, minutes on a small CPU; a short last batch is padded to
         ``batch_size`` so that one graph serves all batches). Falls back to eager with a warning if it fails.
@@ -234,6 +274,10 @@ def predict(
         For a pooled model (``model.pool == 3``), required: the (J, N, N) normalised amplitudes of each position's
         summed 3×3 neighbourhood (:attr:`~py4dstem_deepcdi.preprocessing.PreprocessedData.pooled`) and the (9, 2)
         offsets (Å) of that neighbourhood (:func:`~py4dstem_deepcdi.scan.neighbour_offsets`).
+    runtime
+        ``"torch"`` (default), or the optional CPU runtimes ``"onnxruntime"`` or ``"openvino"``
+        (:mod:`~py4dstem_deepcdi.runtimes`; their exported graph is cached on the model). A missing optional runtime
+        falls back to torch (``"int8"`` as ``"fp32"``) with a ``RuntimeWarning`` naming the pip extra to install.
 
     Returns
     -------
@@ -243,12 +287,13 @@ def predict(
     Raises
     ------
     ValueError
-        For amplitudes of the wrong shape, type or values, or pooled inputs missing for a pooled model (or given to
-        another).
+        For amplitudes of the wrong shape, type or values, pooled inputs missing for a pooled model (or given to
+        another), an unknown runtime, a precision the runtime does not offer, or an optional runtime with
+        ``device="gpu"`` or ``compile=True``.
     """
     amplitudes = _check_chunk(amplitudes, tuple(model.geometry.detector_shape), "amplitudes")
     runner = _Runner(model, batch_size, precision, device, compile, progress, total=int(amplitudes.shape[0]),
-                     geometry=geometry, symmetrize=symmetrize, neighbour_offsets=neighbour_offsets)
+                     geometry=geometry, symmetrize=symmetrize, neighbour_offsets=neighbour_offsets, runtime=runtime)
     try:
         return runner.run(amplitudes, pooled=pooled)
     finally:
@@ -268,6 +313,7 @@ def predict_batches(
     geometry=None,
     symmetrize: bool = False,
     neighbour_offsets: np.ndarray | None = None,
+    runtime: str = "torch",
 ) -> Iterator[np.ndarray]:
     """Stream :func:`predict` over chunks of a datacube too large for memory: yields one (J_i, N, N) array per chunk.
 
@@ -277,7 +323,7 @@ def predict_batches(
     :func:`predict`.
     """
     runner = _Runner(model, batch_size, precision, device, compile, progress, total=total, geometry=geometry,
-                     symmetrize=symmetrize, neighbour_offsets=neighbour_offsets)
+                     symmetrize=symmetrize, neighbour_offsets=neighbour_offsets, runtime=runtime)
     try:
         for index, chunk in enumerate(chunks):
             pooled = None

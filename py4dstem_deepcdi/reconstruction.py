@@ -24,19 +24,27 @@ from .dose import dose_warning
 from .inference import predict
 from .io import read_result, save_figure, save_result
 from .models import DeepCDIModel, as_model
-from .preprocessing import PreprocessedData, preprocess, resample_vacuum
+from .preprocessing import (
+    PreprocessedData,
+    aperture_radius_mrad,
+    bright_field_radius,
+    expected_radii_mrad,
+    preprocess,
+    report_lines,
+    resample_vacuum,
+)
 from .probe import ProbeGeometry, normalise_aberrations, vacuum_pattern
 from .ramp import anchor_ramp as anchor_ramp_to
 from .ramp import com_phase_gradients
+from .rotation import plot_rotation_fit
 from .stitching import StitchOptions, stitch
 
-#: relative difference of bright-field disk radii (model vs data) above which preprocess() warns
+#: relative distance of the data's bright-field disk radius outside the radii the model was trained with above which
+#: preprocess() warns (outside those and the nominal aperture's by preprocessing.CALIBRATION_TOLERANCE it refuses,
+#: unless check_calibration=False)
 BRIGHT_FIELD_TOLERANCE = 0.05
-
-
-def _bright_field_radius(pattern: np.ndarray) -> float:
-    """Radius (pixels) of the disk whose area is that of the pattern above half its maximum."""
-    return float(np.sqrt((pattern > 0.5 * pattern.max()).sum() / np.pi))
+#: per-pattern electrons spread (95th / 5th percentile) above which the dose check also looks at the scan's extremes
+DOSE_SPREAD = 2.0
 
 
 class DeepCDIReconstruction:
@@ -68,15 +76,24 @@ class DeepCDIReconstruction:
     angular_sampling
         Detector pixel size of the data (mrad); default from the DataCube calibration.
     rotation_deg, transpose
-        Scan rotation (deg) and transpose relative to the detector (py4DSTEM convention); estimated with py4DSTEM's
-        centre-of-mass method when None.
+        Scan rotation (deg) and transpose relative to the detector (py4DSTEM convention); when None, estimated from
+        the curl of the centre-of-mass field if the estimate is usable (a warning when imprecise), else 0° and no
+        transpose with a warning (:mod:`~py4dstem_deepcdi.rotation`, :meth:`plot_rotation`).
     subsample
         Use every n-th scan position along both axes.
     vacuum_probe_intensity
         Measured vacuum pattern (array or DataCube) of the experiment, compared with the model's aperture: on the
         data's detector (resampled like the data) or already on the model's (same shape as its patterns).
     verbose
-        Progress bars and messages.
+        Progress bars and messages (and the preprocessing report).
+    repair
+        Find and repair hot and dead detector pixels before anything else (default True).
+    normalise
+        ``"pattern"`` (default): every pattern normalised by its own electrons (immune to dose drift), or
+        ``"dataset"``: by the dataset's mean electrons per pattern.
+    check_calibration
+        Refuse (default True) data whose bright-field disk contradicts the detector calibration and the model's
+        aperture (``ValueError`` naming both radii and the likely cause); False only warns.
     """
 
     def __init__(
@@ -95,6 +112,9 @@ class DeepCDIReconstruction:
         vacuum_probe_intensity=None,
         verbose: bool = True,
         probe=None,
+        repair: bool = True,
+        normalise: str = "pattern",
+        check_calibration: bool = True,
         **aberrations: float,
     ):
         get_array_module(device)  # fail early with a clear message for device="gpu" (CuPy and CUDA torch)
@@ -129,6 +149,9 @@ class DeepCDIReconstruction:
             "transpose": transpose,
             "subsample": subsample,
             "centre": True,
+            "repair": repair,
+            "normalise": normalise,
+            "check_calibration": check_calibration,
         }
         self.data: PreprocessedData | None = None
         self.patches: np.ndarray | None = None
@@ -147,7 +170,8 @@ class DeepCDIReconstruction:
     @property
     def options(self) -> dict[str, Any]:
         """The preprocessing options in force (``scan_step``, ``angular_sampling``, ``rotation_deg``, ``transpose``,
-        ``subsample``, ``centre``): a copy; change them with :meth:`preprocess`."""
+        ``subsample``, ``centre``, ``repair``, ``normalise``, ``check_calibration``): a copy; change them with
+        :meth:`preprocess`."""
         return dict(self._options)
 
     @property
@@ -177,32 +201,33 @@ class DeepCDIReconstruction:
 
     # ------------------------------------------------------------------ stages
     def preprocess(self, **overrides) -> DeepCDIReconstruction:
-        """Calibrate, centre, resample and normalise the patterns; compute the probe positions.
+        """Repair, calibrate, centre, resample and normalise the patterns; compute the probe positions.
 
         Keyword arguments override the constructor's ``scan_step``, ``angular_sampling``, ``rotation_deg``,
-        ``transpose`` and ``subsample``, and take ``centre`` (default True: fit and remove each pattern's
-        bright-field disk shift with sub-pixel accuracy; False: assume the disk sits at the detector centre).
-        Returns ``self``.
+        ``transpose``, ``subsample``, ``repair``, ``normalise`` and ``check_calibration``, and take ``centre``
+        (default True: fit and remove each pattern's bright-field disk shift with sub-pixel accuracy; False: assume
+        the disk sits at the detector centre). Warns when the data lie outside what the model was trained for
+        (dose, aperture, scan step; :meth:`model_trust_warnings`). Returns ``self``.
+
+        Raises
+        ------
+        ValueError
+            See :func:`~py4dstem_deepcdi.preprocessing.preprocess`: among others a bright-field disk that
+            contradicts the calibration (unless ``check_calibration=False``).
         """
         unknown = set(overrides) - set(self._options)
         if unknown:
             raise TypeError(f"unknown preprocess options {sorted(unknown)}; use {sorted(self._options)}")
         self._options.update(overrides)
         start = time.perf_counter()
-        self.data = preprocess(self.datacube, self.model.geometry, pool=self.model.pool, **self._options)
+        self.data = preprocess(
+            self.datacube, self.model.geometry, pool=self.model.pool,
+            bright_field_mrad=expected_radii_mrad(self.geometry, *self.trained_bright_field_mrad), **self._options,
+        )
         self.timings["preprocess_s"] = time.perf_counter() - start
-        self._check_bright_field()
-        message = dose_warning(self.data.electrons_per_pattern, self.model.electrons_range)
-        if message:
+        for message in self.model_trust_warnings():
             warnings.warn(message, stacklevel=2)
-        steps = self.model.pool_step_range
-        if steps is not None and not all(steps[0] <= s <= steps[1] for s in self.data.scan_step):
-            warnings.warn(
-                f"the scan step {self.data.scan_step} Å is outside the steps {steps} Å this pooled model's "
-                "neighbourhoods were trained with; use a pooled model trained for this step (deepcdi train --pool 3 "
-                "--pool-step-range) or a model that sees one pattern",
-                stacklevel=2,
-            )
+        self._check_vacuum_probe()
         if self.verbose:
             d = self.data
             print(
@@ -210,21 +235,72 @@ class DeepCDIReconstruction:
                 f"{d.scan_step[0]:.3g} Å, rotation {d.rotation_deg:.1f}°{', transposed' if d.transpose else ''}), "
                 f"{d.electrons_per_pattern:.3g} e⁻/pattern, in {self.timings['preprocess_s']:.2f} s"
             )
+            for line in report_lines(d.report):
+                print(f"  {line}")
         return self
 
-    def _check_bright_field(self) -> None:
-        """Warn when the data's bright-field disk differs from the model's aperture (e.g. the aperture edge)."""
-        model_pattern = np.abs(self.model.geometry.probe_fourier) ** 2
-        r_model = _bright_field_radius(model_pattern)
-        r_data = _bright_field_radius(self.data.mean_pattern)
-        self.bright_field_radii_px = (r_model, r_data)
-        if abs(r_data - r_model) > BRIGHT_FIELD_TOLERANCE * r_model:
-            warnings.warn(
-                f"the data's bright-field disk (radius {r_data:.2f} px) differs from the model's aperture "
-                f"({r_model:.2f} px) by more than {BRIGHT_FIELD_TOLERANCE:.0%}: check semiangle_cutoff and the "
-                "angular calibration, or train with the measured vacuum_probe_intensity",
-                stacklevel=3,
-            )
+    @property
+    def trained_bright_field_mrad(self) -> tuple[float, float]:
+        """(min, max) bright-field disk radii (mrad, half maximum) of the apertures the model was trained with: its
+        own, and with ``edge_width_range`` in its metadata those of the edges it was trained over."""
+        geometry = self.model.geometry
+        radii = [aperture_radius_mrad(geometry)]
+        widths = self.model.metadata.get("training_set", {}).get("edge_width_range")
+        if widths and geometry.vacuum_probe_intensity is None:
+            radii += [bright_field_radius(geometry.aperture_edge(w)) * geometry.angular_sampling for w in widths]
+        return (min(radii), max(radii))
+
+    def model_trust_warnings(self) -> list[str]:
+        """Messages for every way the preprocessed data lie outside what the model was trained for: the electrons per
+        pattern (``dose.dose_warning``, also at the 5th/95th percentile when the dose varies over the scan), the
+        bright-field disk (semi-angle and aperture edge, ``BRIGHT_FIELD_TOLERANCE``) and, for a pooled model, the
+        scan step. Empty when the data lie inside."""
+        self._require("preprocess")
+        return [*self._dose_messages(), *self._aperture_messages(), *self._step_messages()]
+
+    def _dose_messages(self) -> list[str]:
+        d = self.data
+        electrons = d.pattern_electrons if d.pattern_electrons is not None else np.array([d.electrons_per_pattern])
+        low, high = np.percentile(electrons, [5, 95])
+        doses = {"": d.electrons_per_pattern}
+        if high > DOSE_SPREAD * low:  # dose drift: the scan's dimmest and brightest parts too
+            doses.update({"the dimmest 5% of the patterns: ": low, "the brightest 5% of the patterns: ": high})
+        messages = {prefix: dose_warning(value, self.model.electrons_range) for prefix, value in doses.items()}
+        return [prefix + message for prefix, message in messages.items() if message]
+
+    def _aperture_messages(self) -> list[str]:
+        lo, hi = self.trained_bright_field_mrad
+        radius = self.data.bright_field_radius_mrad
+        if radius is None or lo * (1 - BRIGHT_FIELD_TOLERANCE) <= radius <= hi * (1 + BRIGHT_FIELD_TOLERANCE):
+            return []
+        geometry = self.model.geometry
+        widths = self.model.metadata.get("training_set", {}).get("edge_width_range")
+        if geometry.vacuum_probe_intensity is not None:
+            trained = "its measured vacuum probe"
+        elif widths:
+            trained = f"aperture edges {widths[0]:g}–{widths[1]:g} mrad wide"
+        else:
+            trained = f"py4DSTEM rolloff {geometry.rolloff:g} mrad"
+        span = f"{lo:.3g}–{hi:.3g} mrad" if hi > lo else f"{lo:.3g} mrad"
+        return [
+            f"the data's bright-field disk (radius {radius:.3g} mrad at half maximum) lies outside the {span} of the "
+            f"apertures the model was trained with (semi-angle {geometry.semiangle_cutoff:g} mrad, {trained}) by more "
+            f"than {BRIGHT_FIELD_TOLERANCE:.0%}: check semiangle_cutoff and the angular calibration, or train with the "
+            "measured vacuum_probe_intensity or a wider edge_width_range"
+        ]
+
+    def _step_messages(self) -> list[str]:
+        steps, step = self.model.pool_step_range, self.data.scan_step
+        if steps is None or all(steps[0] <= s <= steps[1] for s in step):
+            return []
+        return [
+            f"the scan step {step} Å is outside the steps {steps} Å this pooled model's neighbourhoods were trained "
+            "with; use a pooled model trained for this step (deepcdi train --pool 3 --pool-step-range) or a model "
+            "that sees one pattern"
+        ]
+
+    def _check_vacuum_probe(self) -> None:
+        """Warn when a given vacuum probe differs from the model's aperture (or the model has none)."""
         if self.vacuum_probe_intensity is not None:
             vacuum = vacuum_pattern(self.vacuum_probe_intensity)
             if self.model.geometry.vacuum_probe_intensity is None:
@@ -245,6 +321,17 @@ class DeepCDIReconstruction:
                         stacklevel=3,
                     )
 
+    def plot_rotation(self, path=None, figsize=(7, 3.5)):
+        """Figure of the scan-rotation fit (:func:`~py4dstem_deepcdi.rotation.plot_rotation_fit`): the curl share of
+        the centre-of-mass deflection field versus the rotation, the estimate ± its standard error and the rotation
+        used. Returns the matplotlib figure (also saved to ``path`` if given)."""
+        self._require("preprocess")
+        d = self.data
+        fig = plot_rotation_fit(d.rotation_fit, d.rotation_deg, d.transpose, figsize=figsize)
+        if path is not None:
+            save_figure(fig, path)
+        return fig
+
     def reconstruct(
         self,
         batch_size: int = 1024,
@@ -255,6 +342,7 @@ class DeepCDIReconstruction:
         symmetrize: bool = False,
         stitch_fraction: float | None = None,
         anchor_ramp: bool = True,
+        runtime: str = "torch",
     ) -> DeepCDIReconstruction:
         """Retrieve one phase patch per pattern with the network and stitch them into ``object_phase``.
 
@@ -263,7 +351,8 @@ class DeepCDIReconstruction:
         batch_size
             Patterns per network pass (bounds memory).
         precision
-            ``"bf16"`` or ``"fp32"`` network arithmetic.
+            Network arithmetic: ``"bf16"`` or ``"fp32"`` (torch); ``"fp32"``, ``"bf16"`` (openvino) or ``"int8"``
+            for the optional runtimes (``inference.predict``).
         stitching
             ``"lsq"`` (exact least squares of the paper's Eq. 2) or ``"relaxation"`` (the paper's iteration), or
             a :class:`~py4dstem_deepcdi.stitching.StitchOptions` with every solver setting (then ``min_overlap``
@@ -294,6 +383,8 @@ class DeepCDIReconstruction:
             ``preprocess(centre=False)`` on data without descan it is the object's own. Default True (measured best
             on multislice crystals and 2-D materials at every dose, docs/benchmarks.md); pass False for a field of
             view with a real net phase gradient (a wedge, an edge, a smooth thick object).
+        runtime
+            ``"torch"`` (default), ``"onnxruntime"`` or ``"openvino"`` (CPU; see ``inference.predict``).
         """
         options = stitching if isinstance(stitching, StitchOptions) else StitchOptions(stitching, min_overlap)
         mask = self._stitch_mask(stitch_fraction)
@@ -304,7 +395,7 @@ class DeepCDIReconstruction:
         self.patches = predict(
             self.model, self.data.amplitudes, batch_size=batch_size, precision=precision, device=self.device,
             progress=progress, geometry=self.probe_geometry, symmetrize=symmetrize, pooled=self.data.pooled,
-            neighbour_offsets=self.data.neighbour_offsets,
+            neighbour_offsets=self.data.neighbour_offsets, runtime=runtime,
         )
         self.timings["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -377,6 +468,10 @@ class DeepCDIReconstruction:
                 "data_angular_sampling_mrad": d.data_angular_sampling,
                 "subsample": self._options["subsample"],
                 "centre": self._options["centre"],
+                "repair": self._options["repair"],
+                "normalise": self._options["normalise"],
+                "check_calibration": self._options["check_calibration"],
+                "report": d.report,
             },
             "stitching": self.stitch_info,
             "timings": self.timings,

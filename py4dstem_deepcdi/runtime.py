@@ -280,7 +280,7 @@ def prepare_network(
 
 
 # ---------------------------------------------------------------------------------------------------- caching
-def _weights_fingerprint(network: nn.Module) -> tuple:
+def weights_fingerprint(network: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is replaced or modified in place (load_state_dict, optimiser step)."""
     return tuple((id(t), t._version) for t in (*network.parameters(), *network.buffers()))
 
@@ -297,7 +297,7 @@ def prepared_network(
     device = torch_device(device) if not isinstance(device, torch.device) else device
     cache = model.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
     key = (precision, str(device), bool(compile))
-    fingerprint = (id(model.network), _weights_fingerprint(model.network))
+    fingerprint = (id(model.network), weights_fingerprint(model.network))
     entry = cache.get(key)
     if entry is None or entry[0] != fingerprint:
         prepared = prepare_network(model.network, precision, compile=compile, device=device)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .backend import torch_device
 from .encoding import conditioning_mask
-from .io import atomic_path, save_figure
+from .io import MIN_FREE_BYTES, atomic_path, check_writable, same_file, save_figure
 from .models import DeepCDIModel, as_model
 from .network import ResUNet, count_parameters, load_widened
 from .probe import ProbeGeometry
@@ -169,16 +169,8 @@ class TrainConfig:
     @classmethod
     def paper(cls, **changes) -> TrainConfig:
         """The tutorial's recipe: SGD, learning rate 1e-4, batch 16, the L1 in rad."""
-        return cls(
-            **{
-                "optimizer": "sgd",
-                "lr": 1e-4,
-                "lr_final": 1e-4,
-                "loss": "l1",
-                "stream": StreamConfig(batch_size=16),
-                **changes,
-            }
-        )
+        recipe = {"optimizer": "sgd", "lr": 1e-4, "lr_final": 1e-4, "loss": "l1", "stream": StreamConfig(batch_size=16)}
+        return cls(**{**recipe, **changes})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings."""
@@ -226,6 +218,25 @@ def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
+def _resumed(config: TrainConfig, payload: dict[str, Any], checkpoint: Path) -> TrainConfig:
+    """The settings of a run resumed from a checkpoint: its own ``l1_stage`` and ``init_from`` where not given.
+
+    Raises ``ValueError`` for another ``init_from`` (the model would claim a false lineage).
+    """
+    saved = _saved_config(payload)
+    if config.l1_stage is None:  # the run's own choice, whatever init_from says now
+        config = dataclasses.replace(config, l1_stage=saved["l1_stage"])
+    if config.init_from is None:
+        config = dataclasses.replace(config, init_from=saved["init_from"])
+    elif saved["init_from"] is None or not same_file(config.init_from, saved["init_from"]):
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} continues a run started from "
+            f"{repr(saved['init_from']) if saved['init_from'] else 'scratch'}, not from init_from "
+            f"{config.init_from!r}: resume without init_from (--init-from) or start a new checkpoint file"
+        )
+    return config
+
+
 def checkpoint_geometry(payload: dict[str, Any]) -> ProbeGeometry:
     """The geometry a checkpoint was trained for, with its vacuum pattern if it had one."""
     saved = json.loads(payload["geometry"])
@@ -248,7 +259,8 @@ class Trainer:
     config
         Training settings.
     checkpoint
-        Checkpoint file; if it exists, training resumes from it (its settings must match).
+        Checkpoint file; if it exists, training resumes from it (its settings and ``init_from`` must match, ``steps``
+        may not be fewer than it has done); its folder is checked for writing and free space before any step.
     device
         ``"cpu"`` or ``"gpu"``.
     portable_checkpoint
@@ -256,6 +268,8 @@ class Trainer:
         19 MB instead of 29 MB for a width-0.5 network, small enough to commit). A run resumed from it continues
         the same schedule and data stream; its weights differ from an uninterrupted run's only by that rounding.
         A run resumed from a portable checkpoint keeps writing portable ones.
+
+    Raises ``ValueError`` for a checkpoint of another run and ``OSError`` (naming it) for an unwritable checkpoint.
     """
 
     def __init__(
@@ -273,9 +287,7 @@ class Trainer:
         resuming = self.checkpoint is not None and self.checkpoint.exists()
         payload = _read_checkpoint(self.checkpoint) if resuming else None
         config = config or TrainConfig()
-        if config.l1_stage is None and resuming:  # the run's own choice, whatever init_from says now
-            config = dataclasses.replace(config, l1_stage=_saved_config(payload)["l1_stage"])
-        self.config = config.resolved()
+        self.config = (_resumed(config, payload, self.checkpoint) if resuming else config).resolved()
         torch.manual_seed(self.config.seed)
         self.stream = TrainingStream(geometry, self.config.stream, seed=self.config.seed, device=str(self.device))
         self.l1_stream = None
@@ -285,6 +297,8 @@ class Trainer:
             )
             self.l1_stream = TrainingStream(geometry, first, seed=self.config.seed, device=str(self.device))
         self.network = ResUNet(self.config.width, self.config.depth, self.config.dropout, self.stream.in_channels)
+        if self.checkpoint is not None:  # weights and two moments of float32, before any step
+            check_writable(self.checkpoint, MIN_FREE_BYTES + 12 * count_parameters(self.network))
         if self.config.loss == "relative" and not self.config.init_from and not self.config.l1_stage and not resuming:
             warnings.warn(
                 "training from scratch with the relative loss alone (l1_stage=0): measured to stay on its starting "
@@ -340,13 +354,8 @@ class Trainer:
     def validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed validation samples (inputs, targets), drawn from a worker id no training run uses."""
         if self._validation is None:
-            stream = TrainingStream(
-                self.geometry,
-                self.config.stream,
-                seed=self.config.seed,
-                worker=VALIDATION_WORKER,
-                device=str(self.device),
-            )
+            config, seed = self.config.stream, self.config.seed
+            stream = TrainingStream(self.geometry, config, seed=seed, worker=VALIDATION_WORKER, device=str(self.device))
             xs, ys, index = [], [], 0
             while sum(len(x) for x in xs) < self.config.val_size:
                 x, y = stream.batch(index)
@@ -404,8 +413,8 @@ class Trainer:
         }
         if self.geometry.vacuum_probe_intensity is not None:  # the checkpoint alone rebuilds the geometry
             payload["vacuum_probe_intensity"] = torch.as_tensor(self.geometry.vacuum_probe_intensity)
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk raises OSError (errno)
+            torch.save(payload, f)
         return path
 
     def _load_checkpoint(self, payload: dict[str, Any]) -> None:
@@ -425,6 +434,12 @@ class Trainer:
             raise ValueError(
                 f"checkpoint {str(self.checkpoint)!r} was made with another vacuum pattern; resume with the same "
                 "--vacuum-probe or start a new checkpoint file"
+            )
+        if self.config.steps < int(payload["step"]):  # equal: exported as it is
+            step = int(payload["step"])
+            raise ValueError(
+                f"checkpoint {str(self.checkpoint)!r} is at step {step}, beyond steps = {self.config.steps}: a run "
+                f"cannot be shortened; pass steps >= {step} (= {step} exports it as it is) or start a new checkpoint"
             )
         self.network.load_state_dict(payload["network"])
         self.optimizer.load_state_dict(payload["optimizer"])  # casts bfloat16 moments back to the weights' dtype
@@ -498,8 +513,11 @@ class Trainer:
         metadata = {
             "name": name,
             "description": description,
-            "training_set": {
+            "training_set": {  # the ranges the network was trained for, read back by DeepCDIModel
                 **dataclasses.asdict(self.config.stream),
+                "semiangle_cutoff_mrad": self.geometry.semiangle_cutoff,
+                "aperture": "measured vacuum pattern" if self.geometry.vacuum_probe_intensity is not None else
+                f"modelled ({self.geometry.rolloff:g} mrad roll-off)",
                 "sources": "photos (scikit-image) + lattices + filtered noise",
             },
             "training": {

@@ -13,12 +13,13 @@ LAYERS = {
     "_version": 0, "backend": 0, "io": 0, "seeds": 0, "pretrained": 0,
     # 1: leaf concepts: geometry, encoding, sampling, objects, the network, FRC
     "planes": 1, "probe": 1, "scan": 1, "encoding": 1, "poisson": 1, "images": 1, "network": 1, "frc": 1, "dose": 1,
+    "defects": 1, "rotation": 1,
     # 2: physics and data preparation
     "simulation": 2, "runtime": 2, "preprocessing": 2,
-    # 3: training data, model files, the network pass, the pieces of an image
-    "stream": 3, "models": 3, "inference": 3, "ramp": 3, "stitching": 3,
-    # 4: training, scoring against ePIE and the truth
-    "training": 4, "comparison": 4,
+    # 3: training data, model files, the optional runtimes, the pieces of an image
+    "stream": 3, "models": 3, "runtimes": 3, "ramp": 3, "stitching": 3,
+    # 4: the network pass (int8 calibrated on the stream), training, scoring against ePIE and the truth
+    "inference": 4, "training": 4, "comparison": 4,
     # 5-7: the user's class, what builds on it, entry points
     "reconstruction": 5, "probe_recovery": 6, "__init__": 7, "cli": 7,
 }

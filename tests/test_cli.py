@@ -2,11 +2,13 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from py4dstem_deepcdi import io
 from py4dstem_deepcdi.cli import RECOVERY_NOT_ON_CLI, build_parser, geometry_from_args, main, options_from_args
 from py4dstem_deepcdi.models import DeepCDIModel, load_model
 from py4dstem_deepcdi.network import ResUNet
@@ -173,3 +175,97 @@ def test_train_flags_reach_the_configs():
     assert stream.electrons_range == (100.0, 1e6) and stream.batch_size == 32
     assert stream.mix == {"photos": 1.0, "lattice": 0.0, "noise": 0.0}
     assert AberrationRanges(**options_from_args(AberrationRanges, args)).C10 == (-150.0, -50.0)
+
+
+# ------------------------------------------------------------------ data loss and careless arguments
+def test_reconstruct_never_overwrites_its_input(tmp_path, model_file, capsys, monkeypatch):
+    """`--output X.h5 --overwrite` on the input X.h5 (directly, through a link or a relative path), a `--png` on it,
+    or an output on the model file: refused before anything is read; the input is unchanged."""
+    data = tmp_path / "data.h5"
+    assert main(["simulate", "--output", str(data), "--scan", "6", "6"]) == 0
+    before = data.read_bytes()
+    (tmp_path / "link.h5").symlink_to(data)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    common = ["--energy", "300e3", "--semiangle", "17.1", "--C10", "-100", "--model", str(model_file), "--quiet",
+              "--overwrite"]
+    for source, output in ((str(data), str(data)), (str(data), str(tmp_path / "link.h5")), (str(data), "../data.h5"),
+                           ("../link.h5", str(data))):
+        assert main(["reconstruct", source, "--output", output, *common]) == 2
+        assert "refusing to overwrite an input" in capsys.readouterr().err
+    assert main(["reconstruct", str(data), "--output", str(tmp_path / "p.h5"), "--png", "../data.h5", *common]) == 2
+    assert "--png ../data.h5 is the input file" in capsys.readouterr().err
+    assert main(["reconstruct", str(data), "--output", str(model_file), *common]) == 2
+    assert "is the --model file" in capsys.readouterr().err
+    assert data.read_bytes() == before and not (tmp_path / "p.h5").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--subsample", "0"], "--subsample must be >= 1"),
+    (["--step", "-0.3"], "--step must be a positive finite number, got -0.3"),
+    (["--angular-sampling", "nan"], "--angular-sampling must be a positive finite number"),
+    (["--semiangle", "0"], "--semiangle must be a positive finite number"),
+    (["--rotation", "inf"], "--rotation must be a finite number"),
+    (["--C12", "nan"], "--C12 must be a finite number"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--device", "tpu"], "device must be 'cpu' or 'gpu'"),
+    (["--stitch-fraction", "1.5"], "--stitch-fraction must be in (0, 1]"),
+    (["--min-overlap", "2"], "min_overlap must be in (0, 1]"),
+    (["--output", "{file}/p.h5"], "cannot write {file}/p.h5: "),
+])
+def test_reconstruct_arguments_are_checked_before_reading(tmp_path, capsys, flags, message):
+    """Every bad argument is refused before the data are read (the input here does not even exist)."""
+    (tmp_path / "file").write_text("")
+    flags = [f.format(file=tmp_path / "file") for f in flags]
+    argv = ["reconstruct", str(tmp_path / "nowhere.h5"), "--output", str(tmp_path / "p.h5"), "--energy", "300e3",
+            "--semiangle", "17.1", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.format(file=tmp_path / "file") in err and "does not exist" not in err
+
+
+def test_full_disk_is_refused_before_computing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))
+    argv = ["reconstruct", str(tmp_path / "nowhere.h5"), "--output", str(tmp_path / "p.h5"), "--energy", "300e3",
+            "--semiangle", "17.1"]
+    assert main(argv) == 2
+    assert f"cannot write {tmp_path / 'p.h5'}: only 0.0 MiB free on its disk" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert "(the disk is full)" in capsys.readouterr().err
+    assert main(["demo", "--scan", "1"]) == 2
+    assert "--scan must be >= 2" in capsys.readouterr().err
+
+
+def test_train_keeps_models_and_lineage(tmp_path, model_file, capsys):
+    """`train` refuses an existing model without --overwrite (before training), its own input or checkpoint as the
+    output, a resume with another --init-from or fewer --steps; it writes the history atomically (no temporary
+    files left) and says when a checkpoint is exported as it is."""
+    tiny = ["--width", "0.125", "--depth", "2", "--batch-size", "4", "--val-size", "8", "--val-every", "1", "--fp32",
+            "--quiet", "--threads", "1"]
+    out = tmp_path / "m.pt"
+    out.write_bytes(model_file.read_bytes())
+    before = out.read_bytes()
+    assert main(["train", "--output", str(out), "--steps", "2", *tiny]) == 2
+    assert f"{out} exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before and not (tmp_path / "m.ckpt").exists()
+    assert main(["train", "--output", str(out), "--init-from", str(out), "--overwrite", *tiny]) == 2
+    assert "is the --init-from file" in capsys.readouterr().err
+    assert main(["train", "--output", str(out), "--checkpoint", str(out), "--overwrite", *tiny]) == 2
+    assert "is the --checkpoint file" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["train", "--output", str(tmp_path / "file" / "m.pt"), *tiny]) == 2
+    assert f"cannot write {tmp_path / 'file' / 'm.pt'}" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(["train", "--output", str(out), "--steps", "2", "--overwrite", *tiny]) == 0
+    assert load_model(out).metadata["training"]["steps"] == 2
+    assert len(json.loads(out.with_suffix(".history.json").read_text())) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    capsys.readouterr()
+    assert main(["train", "--output", str(out), "--steps", "1", "--overwrite", *tiny]) == 2
+    assert "is at step 2, beyond steps = 1" in capsys.readouterr().err
+    assert main(["train", "--output", str(out), "--steps", "4", "--init-from", str(model_file), "--overwrite",
+                 *tiny]) == 2
+    assert "continues a run started from scratch" in capsys.readouterr().err
+    assert main(["train", "--output", str(out), "--steps", "2", "--overwrite", *tiny]) == 0
+    assert "already at step 2 = --steps: exported as it is" in capsys.readouterr().err
+    assert "init_from" not in load_model(out).metadata["training"]

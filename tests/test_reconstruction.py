@@ -5,6 +5,7 @@ import py4DSTEM
 import pytest
 
 import py4dstem_deepcdi  # noqa: F401  (registers DataCube.reconstruct_deepcdi)
+from py4dstem_deepcdi.cli import build_parser, main
 from py4dstem_deepcdi.models import DeepCDIModel
 from py4dstem_deepcdi.network import ResUNet
 from py4dstem_deepcdi.probe import ProbeGeometry
@@ -107,10 +108,28 @@ def test_bad_inputs(dataset, tiny_model):
         recon.preprocess(binning=2)
 
 
-def test_aperture_mismatch_warns(dataset, tiny_model, geometry):
+def test_aperture_mismatch_is_refused_or_warned(dataset, tiny_model, geometry):
+    """A bright-field disk 13% smaller than the model's aperture is refused (both radii named), or with
+    check_calibration=False reconstructed with a warning; a 3% smaller one inside the trained edges is quiet."""
     other = simulate_dataset(geometry.replace(semiangle_cutoff=15.0), scan_shape=(6, 6), scan_step=0.3, electrons=1e5)
-    with pytest.warns(UserWarning, match="bright-field disk"):
+    with pytest.raises(ValueError, match=r"13.6 mrad .* imply 15.7 mrad .*check_calibration=False"):
         make(other, tiny_model).preprocess()
+    with pytest.warns(UserWarning, match="bright-field disk"):
+        make(other, tiny_model, check_calibration=False).preprocess()
+    # a model trained over aperture edges 0-6 mrad wide accepts data with a 6 mrad edge (its half-maximum radius is 9%
+    # smaller), which a sharp-aperture model refuses
+    edged = simulate_dataset(geometry.replace(vacuum_probe_intensity=geometry.replace(rolloff=0.0).aperture_edge(6.0)),
+                             scan_shape=(6, 6), scan_step=0.3, electrons=1e5)
+    sharp = DeepCDIModel(tiny_model.network, geometry.replace(rolloff=0.0), {"name": "sharp"})
+    trained = DeepCDIModel(tiny_model.network, geometry.replace(rolloff=0.0),
+                           {"name": "edges", "training_set": {"edge_width_range": [0.0, 6.0]}})
+    with pytest.raises(ValueError, match="bright-field disk"):
+        make(edged, sharp).preprocess()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recon = make(edged, trained).preprocess()
+    lo, hi = recon.trained_bright_field_mrad
+    assert lo <= recon.data.bright_field_radius_mrad < hi
 
 
 def test_stitch_fraction_and_centring_options(dataset, tiny_model):
@@ -191,7 +210,7 @@ def test_pooled_model_reconstructs_from_the_summed_neighbourhoods(dataset, geome
     network = ResUNet(width=0.125, depth=2, in_channels=3).eval()
     trained = {"pool": 3, "pool_step_range": [0.2, 0.5]}
     model = DeepCDIModel(network, geometry, {"name": "pooled", "training_set": trained})
-    recon = make(dataset, model).preprocess()
+    recon = make(dataset, model, normalise="dataset").preprocess()
     d = recon.data
     assert d.pooled.shape == d.amplitudes.shape
     np.testing.assert_allclose(d.neighbour_offsets[1], [-0.3, -0.3])
@@ -200,7 +219,47 @@ def test_pooled_model_reconstructs_from_the_summed_neighbourhoods(dataset, geome
     np.testing.assert_allclose(d.pooled.reshape(10, 12, 32, 32)[1, 4] ** 2, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(d.pooled.reshape(10, 12, 32, 32)[0, 0] ** 2, counts[:2, :2].mean((0, 1)), rtol=1e-4,
                                atol=1e-4)
+    # normalised per pattern (the default), a neighbourhood is divided by the electrons of the patterns it sums
+    recon = make(dataset, model).preprocess()
+    d = recon.data
+    electrons = d.pattern_electrons.reshape(10, 12, 1, 1)
+    counts = (d.amplitudes.reshape(10, 12, 32, 32) ** 2).astype(np.float64) * electrons  # ∝ counts
+    expected = counts[0:3, 3:6].sum((0, 1)) / electrons[0:3, 3:6].sum()
+    np.testing.assert_allclose(d.pooled.reshape(10, 12, 32, 32)[1, 4] ** 2, expected, rtol=1e-4, atol=1e-4)
     recon.reconstruct(precision="fp32")
     assert np.isfinite(recon.object_phase[recon.coverage > 0]).all()
     with pytest.warns(UserWarning, match="outside the steps"):
         make(dataset, model, scan_step=0.6).preprocess()
+
+
+@pytest.mark.filterwarnings("ignore:the scan rotation cannot be estimated")  # after the first
+def test_plot_rotation_and_the_options(tmp_path, dataset, tiny_model):
+    recon = make(dataset, tiny_model, rotation_deg=None, transpose=None)
+    with pytest.warns(UserWarning, match="cannot be estimated"):  # 10×12 noisy positions: ± 5.7°, ambiguous transpose
+        recon.preprocess()
+    assert (recon.data.rotation_deg, recon.data.transpose) == (0.0, False)
+    figure = recon.plot_rotation(path=tmp_path / "rotation.png")
+    assert len(figure.axes[0].get_lines()) == 3 and (tmp_path / "rotation.png").stat().st_size > 1000
+    fit = recon.data.rotation_fit
+    curl = fit.curl_fraction(np.array([fit.angle_deg, fit.angle_deg + 45.0]), fit.transpose)
+    assert curl[0] < curl[1]  # the estimate is the minimum
+    assert {"repair", "normalise", "check_calibration"} <= set(recon.options)
+    assert recon.preprocess(normalise="dataset").options["normalise"] == "dataset"
+    with pytest.raises(ValueError, match="normalise must be one of"):
+        recon.preprocess(normalise="each")
+    metadata = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32").metadata()["preprocessing"]
+    assert metadata["normalise"] == "pattern" and metadata["report"]["rotation"]["source"] == "given"
+
+
+def test_simulate_then_reconstruct_with_the_shipped_model_is_quiet(tmp_path):
+    """`deepcdi simulate` makes the shipped model's sharp aperture: its data raise no bright-field (or any other)
+    warning in `deepcdi reconstruct`."""
+    assert build_parser().parse_args(["simulate", "--output", "x.h5"]).rolloff == 0.0
+    data = tmp_path / "data.h5"
+    assert main(["simulate", "--output", str(data), "--scan", "8", "8"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["reconstruct", str(data), "--output", str(tmp_path / "phase.h5"), "--energy", "300e3",
+                     "--semiangle", "17.1", "--C10", "-100", "--rotation", "0", "--no-transpose", "--quiet",
+                     "--precision", "fp32"]) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from py4dstem_deepcdi import training
+from py4dstem_deepcdi import io, training
 from py4dstem_deepcdi.models import DeepCDIModel
 from py4dstem_deepcdi.network import ResUNet
 from py4dstem_deepcdi.probe import AberrationRanges
@@ -199,10 +200,14 @@ def test_l1_stage_trains_the_paper_loss_on_the_paper_phases(geometry, l1_stage):
 
 
 def test_l1_stage_survives_resume(tmp_path, geometry):
-    """A resumed run keeps its own stage, whatever ``init_from`` says now; checkpoints from before the option: none."""
+    """A resumed run keeps its own stage and its own init_from (a fine-tune resumed without init_from is still a
+    fine-tune, not a run from scratch with the L1 stage); checkpoints from before the option: none."""
+    base = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "base"}).save(tmp_path / "base.pt")
+    Trainer(geometry, small_config(steps=2, init_from=str(base)), checkpoint=tmp_path / "f.ckpt").train(progress=False)
+    resumed = Trainer(geometry, small_config(steps=4), checkpoint=tmp_path / "f.ckpt")
+    assert resumed.config.l1_stage == 0.0 and resumed.config.init_from == str(base) and resumed.step == 2
     Trainer(geometry, small_config(steps=2), checkpoint=tmp_path / "c.ckpt").train(progress=False)
-    resumed = Trainer(geometry, small_config(steps=4, init_from="elsewhere.pt"), checkpoint=tmp_path / "c.ckpt")
-    assert resumed.config.l1_stage == 0.5 and resumed.step == 2
+    assert Trainer(geometry, small_config(steps=4), checkpoint=tmp_path / "c.ckpt").config.l1_stage == 0.5
     payload = torch.load(tmp_path / "c.ckpt", weights_only=True)
     config = json.loads(payload["config"])
     del config["l1_stage"]
@@ -331,3 +336,49 @@ def test_pooled_training_from_a_one_pattern_model(tmp_path, geometry):
     assert "pooled" in repr(model)
     with pytest.raises(ValueError, match="probe-conditioned"):
         model.require_conditioned("recover_probe")
+
+
+def test_resume_refuses_another_lineage_and_fewer_steps(tmp_path, geometry):
+    """A checkpoint continues only the run it was made by: another init_from (the model would claim a false lineage)
+    and fewer steps than it has done are refused with the reason; the same source through a link, and steps equal to
+    its step (export as it is), are accepted."""
+    base = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "base"}).save(tmp_path / "base.pt")
+    other = DeepCDIModel(ResUNet(width=0.125, depth=2).eval(), geometry, {"name": "other"}).save(tmp_path / "o.pt")
+    (tmp_path / "link.pt").symlink_to(base)
+    ckpt = tmp_path / "c.ckpt"
+    Trainer(geometry, small_config(steps=2, init_from=str(base)), checkpoint=ckpt).train(progress=False)
+    with pytest.raises(ValueError, match=rf"continues a run started from '{base}', not from init_from '{other}'"):
+        Trainer(geometry, small_config(steps=4, init_from=str(other)), checkpoint=ckpt)
+    assert Trainer(geometry, small_config(steps=4, init_from=str(tmp_path / "link.pt")), checkpoint=ckpt).step == 2
+    with pytest.raises(ValueError, match=r"is at step 2, beyond steps = 1: a run cannot be shortened"):
+        Trainer(geometry, small_config(steps=1, init_from=str(base)), checkpoint=ckpt)
+    same = Trainer(geometry, small_config(steps=2), checkpoint=ckpt)
+    same.train(progress=False)
+    model = same.export("again")
+    assert same.step == 2 and model.metadata["training"]["init_from"]["name"] == "base"
+    scratch = tmp_path / "s.ckpt"
+    Trainer(geometry, small_config(steps=2), checkpoint=scratch).train(progress=False)
+    with pytest.raises(ValueError, match="continues a run started from scratch"):
+        Trainer(geometry, small_config(steps=4, init_from=str(base)), checkpoint=scratch)
+
+
+def test_unwritable_checkpoint_is_refused_before_training(tmp_path, geometry, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match=f"cannot write {tmp_path / 'file' / 'c.ckpt'}"):
+        Trainer(geometry, small_config(), checkpoint=tmp_path / "file" / "c.ckpt")
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=10 * 2**20))
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'c.ckpt'}: only 10.0 MiB free .*disk is full"):
+        Trainer(geometry, small_config(), checkpoint=tmp_path / "c.ckpt")
+
+
+def test_exported_model_carries_its_trained_ranges(geometry):
+    """What the reconstruction compares the data with: doses, aperture edges, the semi-angle and its aperture, the
+    pooled steps."""
+    stream = StreamConfig(batch_size=4, electrons_range=(1e3, 1e5), edge_width_range=(0.0, 3.0))
+    trainer = Trainer(geometry, small_config(steps=1, stream=stream))
+    trainer.train(progress=False)
+    model = trainer.export("ranges")
+    trained = model.metadata["training_set"]
+    assert model.electrons_range == (1e3, 1e5) and model.edge_width_range == (0.0, 3.0)
+    assert trained["semiangle_cutoff_mrad"] == 17.1 and trained["aperture"] == "modelled (2 mrad roll-off)"
+    assert trained["pool"] == 1 and trained["pool_step_range"] == (0.1, 0.6)
