@@ -248,11 +248,15 @@ def _repaired(block, defects: StaticDefects | None, repair: bool) -> np.ndarray:
 
 
 def bright_field_radius(pattern: np.ndarray) -> float:
-    """Radius (pixels) of the disk whose area is that of the pattern above half the bright-field level (the maximum
-    of the 3×3-median-filtered pattern, which ignores single hot pixels)."""
-    pattern = np.asarray(pattern, dtype=np.float64)
-    level = float(ndimage.median_filter(pattern, size=3, mode="nearest").max())
-    return float(np.sqrt((pattern > 0.5 * level).sum() / np.pi))
+    """Radius (pixels) of the disk whose area is that of the pattern above half the bright-field level.
+
+    The pattern is median-filtered (3×3: single hot pixels go) and smoothed (Gaussian, σ = 1 pixel) so that Poisson
+    noise at low dose neither raises the level nor breaks the disk up; the level is the median of the smoothed pixels
+    above half their maximum (the disk's plateau, insensitive to the brighter spots of a crystal)."""
+    filtered = ndimage.median_filter(np.asarray(pattern, dtype=np.float64), size=3, mode="nearest")
+    smoothed = ndimage.gaussian_filter(filtered, 1.0, mode="nearest")
+    level = float(np.median(smoothed[smoothed > 0.5 * smoothed.max()]))
+    return float(np.sqrt((smoothed > 0.5 * level).sum() / np.pi))
 
 
 def aperture_radius_mrad(geometry: ProbeGeometry, nominal: bool = False) -> float:
@@ -270,7 +274,7 @@ def expected_radii_mrad(geometry: ProbeGeometry, *radii: float) -> tuple[float, 
 
 
 def centred_mean_pattern(
-    data, com: np.ndarray, defects: StaticDefects | None, repair: bool, size: int = 8
+    data, com: np.ndarray, defects: StaticDefects | None, repair: bool, size: int = 32
 ) -> np.ndarray:
     """Mean (Qx, Qy) float64 of the central ≤ size×size patterns of the scan, each moved by whole pixels onto their
     mean centre of mass (no descan blur), hot and dead pixels repaired."""
