@@ -1,6 +1,7 @@
 """py4dstem-deepcdi: deep-learning coherent diffractive imaging for 4D-STEM, a py4DSTEM plugin.
 
-Importing the package registers ``DataCube.reconstruct_deepcdi`` on py4DSTEM's DataCube.
+Importing the package registers ``DataCube.reconstruct_deepcdi`` on py4DSTEM's DataCube and, through
+``_emd_hook``, :class:`DeepCDIReconstruction` with emdfile, so that ``py4DSTEM.read`` reopens saved reconstructions.
 """
 
 from . import reconstruction
@@ -15,6 +16,8 @@ from .stream import StreamConfig, TrainingStream
 from .training import TrainConfig, Trainer
 
 reconstruction._register()
+#: emdfile looks for its node classes in packages that set this (py4DSTEM does the same)
+_emd_hook = True
 
 __all__ = [
     "DeepCDIReconstruction",

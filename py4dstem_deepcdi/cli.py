@@ -19,14 +19,14 @@ import torch
 
 from .backend import torch_device
 from .comparison import compare_with_epie
-from .io import atomic_path, check_outputs, check_writable, read_result, save_json, terminate_raises
+from .io import atomic_path, check_outputs, check_writable, read_result, save_json, terminate_raises, to_json
 from .models import as_model, list_pretrained, load_model
 from .preprocessing import resample_vacuum
 from .probe import POLAR_NAMES, AberrationRanges, ProbeGeometry
-from .probe_recovery import RecoveryOptions, recover_probe
-from .reconstruction import DeepCDIReconstruction
+from .probe_recovery import METHODS, SEARCHABLE, EPIESearchOptions, RecoveryOptions, recover_probe
+from .reconstruction import DeepCDIReconstruction, read_reconstruction
 from .runtimes import DEFAULT_PRECISIONS, RUNTIMES
-from .simulation import simulate_dataset
+from .simulation import attach_truth, simulate_dataset
 from .stitching import StitchOptions
 from .stream import StreamConfig
 from .training import TrainConfig, Trainer, plot_history
@@ -242,8 +242,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         rotation_deg=args.rotation,
         seed=args.seed,
     )
-    truth = py4DSTEM.RealSlice(data=ds.phase, name="ground_truth_phase")
-    ds.datacube.tree(graft=truth)
+    attach_truth(ds.datacube, ds)  # its own calibration (object pixel, Å) and probe positions, not the scan step's
     with atomic_path(args.output) as tmp:
         py4DSTEM.save(str(tmp), ds.datacube, mode="w")
     print(
@@ -314,36 +313,45 @@ def _reconstruction_from_args(args: argparse.Namespace, probe=None):
 
 def cmd_recover_probe(args: argparse.Namespace) -> int:
     _data_outputs(args)
-    options = options_from_args(RecoveryOptions, args, exclude=RECOVERY_NOT_ON_CLI)
-    RecoveryOptions(**options)  # invalid search settings fail here, before the data are read
-    given = {name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}
-    model = as_model(args.model)
-    model.require_conditioned("recover-probe")
-    reference = {**model.geometry.aberrations, **given}
-    args.model = model
-    recon = _reconstruction_from_args(args, probe=reference)
-    result = recover_probe(
-        recon, initial=None if args.random_start else reference, precision=args.precision or "bf16",
-        progress=not args.quiet,
-        **options,
-    )
+    epie = args.method == "epie"
+    cls = EPIESearchOptions if epie else RecoveryOptions
+    settings = options_from_args(cls, args, exclude=RECOVERY_NOT_ON_CLI)
+    settings.update({"search": tuple(args.search)} if args.search else {})
+    cls(**settings)  # invalid search settings fail here, before the data are read
+    model = as_model(args.model)  # epie: its aberrations are the start, its aperture roll-off the default
+    given = {**model.geometry.aberrations,
+             **{name: getattr(args, name) for name in POLAR_NAMES if getattr(args, name) is not None}}
+    if epie:
+        _threads(args)
+        rolloff = args.rolloff if args.rolloff is not None else model.geometry.rolloff
+        result = recover_probe(
+            _read_datacube(args.input)[0], initial=given, method="epie", progress=not args.quiet, energy=args.energy,
+            semiangle_cutoff=args.semiangle, scan_step=args.step, angular_sampling=args.angular_sampling,
+            rotation_deg=args.rotation, transpose=args.transpose, subsample=args.subsample, rolloff=rolloff,
+            vacuum_probe_intensity=np.load(args.vacuum_probe) if args.vacuum_probe else None, **settings,
+        )  # fmt: skip
+    else:
+        model.require_conditioned("recover-probe --method overlap")
+        args.model = model
+        recon = _reconstruction_from_args(args, probe=given)
+        result = recover_probe(recon, initial=None if args.random_start else given, method="overlap",
+                               precision=args.precision or "bf16", progress=not args.quiet, **settings)
     save_json(args.output, result.to_dict())
     if args.png:
         result.visualize(path=args.png)
-    print(result)
-    print(
-        f"recovered aberrations written to {args.output}; use them with `deepcdi reconstruct ... --probe {args.output}`"
-    )
+    print(result, f"recovered aberrations written to {args.output}; use them with `deepcdi reconstruct ... --probe "
+          f"{args.output}`", sep="\n")
     return 0
 
 
 def _probe_file(path: Path) -> dict:
-    """Aberrations stored by `recover-probe`."""
+    """The record `recover-probe` stored (aberrations, which came from the data, their errors)."""
     try:
-        aberrations = json.loads(path.read_text())["aberrations"]
+        record = json.loads(path.read_text())
+        dict(record["aberrations"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a `deepcdi recover-probe` result (JSON with 'aberrations'): {exc}") from exc
-    return aberrations
+    return record
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -421,7 +429,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         model = load_model(args.path)
         print(json.dumps(model.metadata, indent=1))
         return 0
-    phase, metadata, arrays = read_result(args.path)
+    try:
+        phase, metadata, arrays = read_result(args.path)  # a comparison (or a reconstruction of version <= 0.1)
+    except ValueError:
+        recon = read_reconstruction(args.path)
+        arrays = recon.stored_arrays(include_patches=True)
+        print(f"{recon!r}; arrays: {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
+        print(to_json(recon.summary(), indent=1))
+        return 0
     print(f"phase image {phase.shape}; arrays: {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
     print(json.dumps(metadata, indent=1))
     return 0
@@ -510,21 +525,20 @@ def _reconstruct_parser(sub) -> None:
 
 
 def _recover_probe_parser(sub) -> None:
-    p = sub.add_parser(
-        "recover-probe",
-        help="find the probe's aberrations from the data with a probe-conditioned model (overlap consistency)",
-    )
+    p = sub.add_parser("recover-probe", help="find the probe's aberrations from the data (default: py4DSTEM's ePIE)")
     _add_data_arguments(p)
-    p.add_argument(
-        "--output", type=Path, required=True, help="JSON file for the recovered aberrations and loss history"
-    )
-    add_options(p.add_argument_group("search (RecoveryOptions)"), RecoveryOptions, exclude=RECOVERY_NOT_ON_CLI)
-    p.add_argument(
-        "--random-start",
-        action="store_true",
-        help="start from a random probe (default: the given aberrations, else the model's reference)",
-    )
-    p.add_argument("--png", type=Path, default=None, help="also write the figure (probes, loss curve)")
+    p.add_argument("--output", type=Path, required=True, help="JSON file: aberrations, which came from the data, "
+                   "their error estimates, warnings")
+    p.add_argument("--method", choices=METHODS, default=METHODS[0], help="epie: the probe with which py4DSTEM's ePIE "
+                   "explains the scan best (start: --C10 ...); overlap: a probe-conditioned --model's search")
+    p.add_argument("--search", nargs="+", choices=SEARCHABLE, default=None, help="aberrations searched (with their "
+                   "angles); default C10 C12 (epie), all four (overlap)")
+    p.add_argument("--vacuum-probe", type=Path, default=None, help="epie: vacuum pattern (.npy, data's detector)")
+    p.add_argument("--rolloff", type=float, default=None, help="epie: aperture edge (mrad; default the model's)")
+    add_options(p.add_argument_group("epie search (EPIESearchOptions)"), EPIESearchOptions)
+    add_options(p.add_argument_group("overlap search (RecoveryOptions)"), RecoveryOptions, exclude=RECOVERY_NOT_ON_CLI)
+    p.add_argument("--random-start", action="store_true", help="overlap: start from a random probe")
+    p.add_argument("--png", type=Path, default=None, help="also write the figure (probes, search)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_recover_probe)
 

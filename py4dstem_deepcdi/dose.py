@@ -11,6 +11,8 @@ import numpy as np
 
 #: a dose may lie this factor outside a model's trained range before the reconstruction warns
 DOSE_TOLERANCE = 1.1
+#: the largest count a pixel may hold for thinning (binomial draws take 64-bit integers)
+MAX_COUNTS = 2.0**62
 
 
 def thin_counts(counts: np.ndarray, fraction: float, rng: np.random.Generator | int | None = None) -> np.ndarray:
@@ -34,20 +36,28 @@ def thin_counts(counts: np.ndarray, fraction: float, rng: np.random.Generator | 
 
     Raises
     ------
+    TypeError
+        Counts that are not integers or floats (bool, complex, object), or a ``fraction`` that is not a number.
     ValueError
-        ``fraction`` outside (0, 1], or counts that are negative, not finite or not whole numbers (e.g. already
-        normalised or gain-corrected data: thin the raw counts).
+        ``fraction`` outside (0, 1], or counts that are negative, not finite, not whole numbers (e.g. already
+        normalised or gain-corrected data: thin the raw counts) or beyond ``MAX_COUNTS``.
     """
+    if isinstance(fraction, (bool, np.bool_)) or not isinstance(fraction, (int, float, np.integer, np.floating)):
+        raise TypeError(f"fraction must be a number in (0, 1], got {fraction!r}")
     if not (math.isfinite(fraction) and 0 < fraction <= 1):
         raise ValueError(f"fraction must lie in (0, 1] (the kept share of the electrons), got {fraction!r}")
     counts = np.asarray(counts)
+    if counts.dtype.kind not in "uif":
+        raise TypeError(f"counts must be integers or floats (electrons), got dtype {counts.dtype}")
     if not np.all(np.isfinite(counts)) or counts.min(initial=0) < 0:
         raise ValueError("counts must be finite and non-negative")
+    if counts.max(initial=0) > MAX_COUNTS:
+        raise ValueError(f"counts up to {counts.max():.3g} exceed the {MAX_COUNTS:.3g} binomial thinning can draw")
     whole = np.rint(counts)
     if np.any(np.abs(counts - whole) > 1e-6):
         raise ValueError("thinning needs whole electron counts; these are fractional (normalised or gain-corrected?)")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    return rng.binomial(whole.astype(np.int64), fraction).astype(np.float32)
+    return np.asarray(rng.binomial(whole.astype(np.int64), fraction)).astype(np.float32)
 
 
 def dose_warning(electrons: float, trained_range: tuple[float, float] | None) -> str | None:

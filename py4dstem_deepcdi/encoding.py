@@ -25,18 +25,52 @@ def network_input(
     Parameters
     ----------
     counts
-        Diffraction patterns (..., Qx, Qy) in counts (electrons); negative values are clipped to 0. Not modified.
+        Diffraction patterns (..., Qx, Qy) in counts (electrons), a floating-point tensor; negative values are clipped
+        to 0. Not modified.
     electrons
-        Expected number of electrons per pattern: a scalar or one value per pattern (shape (B,)).
+        Expected number of electrons per pattern, > 0: a scalar or one value per pattern (shape (B,) for counts
+        (B, ..., Qx, Qy)).
     out
         Optional tensor to write the result to (same shape as ``counts``).
 
     With this scaling a pattern's mean value is 1 whatever the dose: the dose shows only in the noise.
+
+    Raises
+    ------
+    TypeError
+        ``counts`` that is not a floating-point torch tensor.
+    ValueError
+        ``counts`` of fewer than 2 dimensions; ``electrons`` not finite and positive, or neither one value nor one
+        per pattern; NaN or infinite counts, or counts / electrons beyond the range of ``counts``' dtype.
     """
+    if not isinstance(counts, torch.Tensor) or not counts.is_floating_point():
+        got = counts.dtype if isinstance(counts, torch.Tensor) else type(counts).__name__
+        raise TypeError(f"counts must be a floating-point torch tensor (torch.from_numpy(array).float()), got {got}")
+    if counts.dim() < 2:
+        raise ValueError(f"counts must be diffraction patterns (..., Qx, Qy), got shape {tuple(counts.shape)}")
     n_pixels = counts.shape[-1] * counts.shape[-2]
-    electrons = torch.as_tensor(electrons, dtype=counts.dtype, device=counts.device).reshape(-1, 1, 1)
+    electrons = torch.as_tensor(electrons, dtype=counts.dtype, device=counts.device)
+    if electrons.numel() == 1:
+        electrons = electrons.reshape(())
+    elif counts.dim() > 2 and electrons.numel() == counts.shape[0]:
+        electrons = electrons.reshape(-1, *(1,) * (counts.dim() - 1))
+    else:
+        raise ValueError(
+            f"electrons must be one number or one per pattern ({counts.shape[0] if counts.dim() > 2 else 1}), "
+            f"got {electrons.numel()} values"
+        )
+    bad = ~(torch.isfinite(electrons) & (electrons > 0))
+    if bool(bad.any()):
+        first = float(electrons[bad].flatten()[0])
+        raise ValueError(f"electrons per pattern must be finite and > 0 (in {counts.dtype}), got {first}")
     scaled = counts.clamp_min(0).mul_(n_pixels / electrons)
-    return torch.sqrt(scaled, out=out) if out is not None else scaled.sqrt_()
+    result = torch.sqrt(scaled, out=out) if out is not None else scaled.sqrt_()
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError(
+            f"the network input is not finite: the counts hold NaN or infinite values, or counts / electrons exceed "
+            f"the range of {counts.dtype}"
+        )
+    return result
 
 
 def fourier_shift(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:

@@ -238,6 +238,11 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
+def to_json(value: Any, indent: int | None = None) -> str:
+    """``value`` as JSON text (numpy arrays and scalars, paths as JSON values)."""
+    return json.dumps(value, indent=indent, default=_json_default)
+
+
 def save_json(path: str | Path, value: Any, indent: int | None = 1) -> Path:
     """Write ``value`` as JSON text to ``path`` atomically (numpy arrays and scalars, paths as JSON values)."""
     path = Path(path)
@@ -249,6 +254,88 @@ def save_json(path: str | Path, value: Any, indent: int | None = 1) -> Path:
 
 RESULT_NAME = "deepcdi_phase"
 METADATA_NAME = "deepcdi"
+#: units written for the pixels of a calibrated image's axes (py4DSTEM's spelling of Å)
+LENGTH_UNITS = "A"
+
+
+def calibrated_slice(
+    data, name: str, sampling: tuple[float, float], units: str = "rad", origin_A: tuple[float, float] = (0.0, 0.0)
+) -> py4DSTEM.RealSlice:
+    """A py4DSTEM ``RealSlice`` of a 2-D image calibrated in Å: ``units`` for its values (default ``"rad"``), axis
+    dims ``origin_A + pixel × sampling`` Å named ``x``, ``y``, and its root calibration's R pixel size ``sampling``
+    (Å). The array is stored as given (float32 for real values).
+
+    py4DSTEM 0.14 reads a RealSlice back with units ``"intensity"`` and pixel dims: :func:`restore_calibration`
+    puts the stored ones back.
+    """
+    array = np.asarray(data)
+    node = py4DSTEM.RealSlice(data=array if np.iscomplexobj(array) else array.astype(np.float32), name=name)
+    node.units = units
+    for axis, label in enumerate(("x", "y")):
+        start = float(origin_A[axis])
+        node.set_dim(axis, [start, start + float(sampling[axis])], units=LENGTH_UNITS, name=label)
+    node.calibration.set_R_pixel_size(float(sampling[0]))
+    node.calibration.set_R_pixel_units(LENGTH_UNITS)
+    return node
+
+
+def calibrated_array(data, name: str, units: str = "", dims: list | None = None, dim_units: list | None = None,
+                     dim_names: list | None = None) -> emdfile.Array:
+    """An emdfile ``Array`` with ``units`` for its values and, per axis, a dim vector (a step, ``[first, second]``
+    or the whole axis, see emdfile), its units and name; unnamed axes are pixel indices."""
+    return emdfile.Array(data=np.asarray(data), name=name, units=units, dims=dims, dim_units=dim_units,
+                         dim_names=dim_names)
+
+
+def restore_calibration(node, group) -> Any:
+    """Put the value units and dim vectors stored in the HDF5 ``group`` of an array node back on ``node`` (py4DSTEM's
+    ``RealSlice`` forgets them when read); returns ``node``."""
+    stored = emdfile.Array._get_constructor_args(group)
+    node.units = stored["units"]
+    for axis, dim in enumerate(stored["dims"]):
+        node.set_dim(axis, dim, units=stored["dim_units"][axis], name=stored["dim_names"][axis])
+    return node
+
+
+@contextlib.contextmanager
+def _adopted(root, nodes: dict[str, Any]) -> Iterator[Any]:
+    """Within the block, the ``nodes`` (name → emdfile Node) are children of ``root`` under those names; their own
+    names and trees (e.g. the root an earlier ``py4DSTEM.save`` gave them) are restored on leaving."""
+    saved = [(node, node.name, node._root, node._treepath) for node in nodes.values()]
+    try:
+        for name, node in nodes.items():
+            node._root, node.name = None, name
+            root.add_to_tree(node)
+        yield root
+    finally:
+        for node, name, old_root, treepath in saved:
+            root._branch._dict.pop(node.name, None)
+            node.name, node._root, node._treepath = name, old_root, treepath
+
+
+def write_nodes(path: str | Path, nodes: dict[str, Any], root=None, overwrite: bool = False) -> Path:
+    """Write emdfile nodes (name → Node: an Array, a py4DSTEM object, any emdfile ``Custom``) side by side under one
+    root as an EMD 1.0 file, atomically.
+
+    ``root`` is an emdfile ``Root`` (default a new one named after the first node + ``_root``) whose metadata (e.g.
+    a py4DSTEM calibration) and children are written too. The nodes keep their names and trees. ``py4DSTEM.read``
+    returns the node itself when the root holds one, else the root (its children by name: ``root.tree(name)``).
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and not ``overwrite``.
+    OSError
+        Naming ``path``, when it cannot be written (checked before anything is written).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    check_writable(path)
+    root = root if root is not None else emdfile.Root(name=f"{next(iter(nodes), 'deepcdi')}_root")
+    with _adopted(root, nodes), atomic_path(path) as tmp:
+        emdfile.save(str(tmp), root, mode="w")
+    return path
 
 
 def save_result(
@@ -257,13 +344,19 @@ def save_result(
     metadata: dict,
     arrays: dict | None = None,
     overwrite: bool = False,
+    sampling: tuple[float, float] | None = None,
+    nodes: dict[str, Any] | None = None,
+    root_name: str | None = None,
 ) -> Path:
     """Write a phase image (rad) with JSON-able ``metadata`` and named child ``arrays`` as an EMD 1.0 file.
 
-    The root is a py4DSTEM ``RealSlice`` named ``deepcdi_phase`` (so ``py4DSTEM.read`` opens it with or without
-    this package), its metadata group ``deepcdi`` holds the JSON text, and every array in ``arrays`` becomes a
-    child ``Array`` node. Written to a temporary file and renamed: never a half-written file; an existing file
-    is kept unless ``overwrite``.
+    The image is a py4DSTEM ``RealSlice`` named ``deepcdi_phase`` (so ``py4DSTEM.read`` opens it with or without
+    this package), calibrated with ``sampling`` (Å per pixel; rad values, :func:`calibrated_slice`) when given;
+    its metadata group ``deepcdi`` holds the JSON text, and every entry of ``arrays`` (an array or an emdfile
+    ``Array`` with its own dims and units) becomes a child node. ``nodes`` (name → emdfile Node) are written beside
+    it under the same root, named ``root_name`` (default ``deepcdi_phase_root``; ``py4DSTEM.read`` then returns
+    the root, ``py4DSTEM.read(path, datapath="ROOT/NAME")`` one node). Written to a temporary file and renamed:
+    never a half-written file; an existing file is kept unless ``overwrite``.
 
     Raises
     ------
@@ -276,15 +369,58 @@ def save_result(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     check_writable(path)
-    root = py4DSTEM.RealSlice(data=np.asarray(phase, dtype=np.float32), name=RESULT_NAME)
+    if sampling is not None:
+        image = calibrated_slice(phase, RESULT_NAME, sampling)
+    else:
+        image = py4DSTEM.RealSlice(data=np.asarray(phase, dtype=np.float32), name=RESULT_NAME)
     md = emdfile.Metadata(name=METADATA_NAME)
     md["json"] = json.dumps(metadata, default=_json_default)
-    root.metadata = md
+    image.metadata = md
     for name, value in (arrays or {}).items():
-        root.add_to_tree(emdfile.Array(data=np.asarray(value), name=name))
+        child = value if isinstance(value, emdfile.Node) else emdfile.Array(data=np.asarray(value), name=name)
+        child.name = name
+        image.add_to_tree(child)
+    if root_name:
+        image.root.name = root_name
+    if nodes:
+        return write_nodes(path, nodes, root=image.root, overwrite=True)
     with atomic_path(path) as tmp:
-        py4DSTEM.save(str(tmp), root, mode="w")
+        py4DSTEM.save(str(tmp), image, mode="w")
     return path
+
+
+def read_node(path: str | Path) -> Any:
+    """What ``py4DSTEM.read`` finds in ``path`` (a node, or the root of several).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that is not a readable EMD file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return py4DSTEM.read(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable EMD file (corrupt or another format): {exc}") from exc
+
+
+def read_result_nodes(path: str | Path) -> tuple[Any, dict, dict[str, Any], dict[str, Any]]:
+    """Read a file written by :func:`save_result`: ``(image node, metadata dict, child nodes by name, nodes beside
+    the image by name)``.
+
+    Raises ``ValueError`` for a file that is not such a result (corrupt, foreign, another EMD file).
+    """
+    found = read_node(path)
+    beside: dict[str, Any] = {}
+    if isinstance(found, emdfile.Root) and RESULT_NAME in found.treekeys:
+        beside = {name: found.tree(name) for name in found.treekeys if name != RESULT_NAME}
+        found = found.tree(RESULT_NAME)
+    if getattr(found, "name", None) != RESULT_NAME or METADATA_NAME not in getattr(found, "metadata", {}):
+        raise ValueError(
+            f"{path} is an EMD file but not a py4dstem-deepcdi result (no '{RESULT_NAME}' node; it holds a "
+            f"{type(found).__name__})"
+        )
+    metadata = json.loads(found.metadata[METADATA_NAME]["json"])
+    return found, metadata, {name: found.tree(name) for name in found.treekeys}, beside
 
 
 def read_result(path: str | Path) -> tuple:
@@ -292,18 +428,8 @@ def read_result(path: str | Path) -> tuple:
 
     Raises ``ValueError`` for a file that is not such a result (corrupt, foreign, another EMD file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        root = py4DSTEM.read(str(path))
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable EMD file (corrupt or another format): {exc}") from exc
-    if getattr(root, "name", None) != RESULT_NAME or METADATA_NAME not in getattr(root, "metadata", {}):
-        raise ValueError(f"{path} is an EMD file but not a py4dstem-deepcdi result (no '{RESULT_NAME}' node)")
-    metadata = json.loads(root.metadata[METADATA_NAME]["json"])
-    arrays = {name: root.tree(name).data for name in root.treekeys}
-    return root.data, metadata, arrays
+    image, metadata, children, _ = read_result_nodes(path)
+    return image.data, metadata, {name: node.data for name, node in children.items()}
 
 
 def _json_default(value):

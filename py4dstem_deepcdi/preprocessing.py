@@ -450,6 +450,8 @@ def preprocess(
     subsample = int(subsample)
     if subsample < 1:
         raise ValueError(f"subsample must be a positive integer, got {subsample}")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer (scan rows per block), got {chunk_rows!r}")
     step = real_space_step(datacube, scan_step)
     data_sampling = detector_sampling(datacube, geometry.wavelength, angular_sampling)
     rx, ry, qx, qy = data.shape

@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from os import PathLike
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ POLAR_NAMES: tuple[str, ...] = ("C10", "C12", "phi12", "C21", "phi21", "C23", "p
 
 #: Fraction of the probe intensity whose enclosing circle defines the probe's support (oversampling check).
 SUPPORT_FRACTION = 0.9
+#: (min, max) pixels per detector side (a 4096² complex probe takes 256 MB)
+DETECTOR_PIXELS = (8, 4096)
 
 
 def _positive(name: str, value: Any) -> float:
@@ -41,8 +44,11 @@ def _positive(name: str, value: Any) -> float:
 def normalise_aberrations(aberrations: Mapping[str, float] | None) -> dict[str, float]:
     """Return the 7 parameters as a full dict (missing ones are 0), accepting py4DSTEM's ``defocus = -C10``.
 
-    Raises ``ValueError`` for unknown names or non-finite values.
+    Raises ``ValueError`` for unknown names or non-finite values, ``TypeError`` when ``aberrations`` is not a mapping.
     """
+    if aberrations is not None and not isinstance(aberrations, Mapping):
+        raise TypeError(f"aberrations must be a dict of polar parameters ({', '.join(POLAR_NAMES)}), got "
+                        f"{type(aberrations).__name__}")
     out = dict.fromkeys(POLAR_NAMES, 0.0)
     for name, value in (aberrations or {}).items():
         if name == "defocus":
@@ -65,15 +71,28 @@ def normalise_aberrations(aberrations: Mapping[str, float] | None) -> dict[str, 
 
 
 def vacuum_pattern(vacuum_probe_intensity: Any) -> np.ndarray:
-    """A measured vacuum probe as a 2-D pattern: accepts an array, a DiffractionSlice or a DataCube (mean pattern)."""
+    """A measured vacuum probe as a 2-D pattern: accepts an array, a DiffractionSlice or a DataCube (mean pattern).
+
+    Raises ``TypeError`` for a path or other non-numeric input (bool and complex arrays included) and ``ValueError``
+    for another shape, NaN or infinite values, or a pattern without counts (sum ≤ 0)."""
     data = vacuum_probe_intensity
     if not isinstance(data, np.ndarray):
         data = getattr(data, "data", data)
-    data = np.asarray(data, dtype=np.float64)
+    if isinstance(data, (str, bytes, PathLike)):
+        raise TypeError(
+            f"vacuum_probe_intensity must be an array (the vacuum diffraction pattern), got the path {data!r}: "
+            "load it first (numpy.load or py4DSTEM.read)"
+        )
+    data = np.asarray(data)
+    if data.dtype.kind not in "uif":
+        raise TypeError(f"vacuum_probe_intensity must hold real counts (integers or floats), got dtype {data.dtype}")
+    data = data.astype(np.float64)
     if data.ndim == 4:
         data = data.mean((0, 1))
     if data.ndim != 2:
         raise ValueError(f"vacuum_probe_intensity must be a 2-D pattern or a 4-D DataCube, got shape {data.shape}")
+    if not np.all(np.isfinite(data)) or not data.sum() > 0:
+        raise ValueError("vacuum_probe_intensity must be finite, non-negative and hold counts (a positive sum)")
     return data
 
 
@@ -120,8 +139,14 @@ class ProbeGeometry:
         self.energy = _positive("energy", energy)
         self.semiangle_cutoff = _positive("semiangle_cutoff", semiangle_cutoff)
         shape = tuple(np.atleast_1d(np.asarray(detector_shape)).tolist())
-        if len(shape) != 2 or any(not float(n).is_integer() or n < 8 for n in shape):
-            raise ValueError(f"detector_shape must be two integers >= 8 (a 2-D detector), got {detector_shape!r}")
+        low, high = DETECTOR_PIXELS
+        if len(shape) != 2 or any(
+            isinstance(n, (bool, str)) or not isinstance(n, (int, float)) or not float(n).is_integer()
+            or not low <= n <= high for n in shape
+        ):
+            raise ValueError(
+                f"detector_shape must be two integers in [{low}, {high}] (a 2-D detector), got {detector_shape!r}"
+            )
         self.detector_shape = (int(shape[0]), int(shape[1]))
         if (angular_sampling is None) == (reciprocal_sampling is None):
             raise ValueError("give exactly one of angular_sampling (mrad/pixel) or reciprocal_sampling (Å⁻¹/pixel)")
@@ -273,6 +298,11 @@ class ProbeGeometry:
             raise ValueError(
                 f"angular_sampling: the bright-field disk is only {radius_px:.2f} px in radius; "
                 "decrease angular_sampling (less binning)"
+            )
+        if self.support_radius() == 0:
+            raise ValueError(
+                "the probe is a single pixel: the aperture (semiangle_cutoff, or vacuum_probe_intensity) fills the "
+                "whole detector; the bright-field disk must lie inside it"
             )
         ratio = self.oversampling_ratio
         if ratio < 2:

@@ -1,25 +1,21 @@
-"""Probe recovery: the 7 aberrations from the data alone, with a probe-conditioned network.
+"""Probe recovery: the probe's aberrations from the data alone, with an error estimate for each.
 
-For a candidate probe θ (the 7 parameters), the network retrieves the phase patches φ_i of a set of scan positions
-given θ; for every pair (i, j) of neighbouring positions, shifted by s_ij = (r_j − r_i) / pixel, the patches must
-agree where both are illuminated, up to their unknown constant offsets:
+Two methods behind :func:`recover_probe`:
 
-    L(θ) = mean over pairs of  Σ_r w |d(r) − d̄| / Σ_r w,
-    d(r) = φ_i(r) − φ_j(r − s_ij),   w(r) = mask_i(r) mask_j(r − s_ij)
+- ``method="epie"`` (default, :mod:`.probe_epie`): the probe with which py4DSTEM's ePIE explains a central block of
+  the scan best (the smallest data error with the probe held fixed), found by parabola steps along each searched
+  aberration; the error estimate is the spread of the same parabolas over sub-blocks. No network is needed.
+- ``method="overlap"`` (:mod:`.probe_overlap`): the paper's stochastic search on the overlap disagreement of a
+  probe-conditioned network's patches; it needs a conditioned network that uses its probe input.
 
-(d̄ the w-weighted mean of d). With ``normalize=True`` (default) each pair's disagreement is divided by the spread of
-its two patches over the overlap, so a probe for which the network returns flat patches cannot win. L is minimised
-by the paper's stochastic search: ``n_trials`` random candidates around the current best per iteration, the search
-radius shrinking geometrically from half the ranges to ``final_radius`` of them.
-
-py4DSTEM's own answer for comparison: ePIE with probe updates, whose probe is reduced to the same 7 parameters by
-py4DSTEM's aberration-surface fit (:func:`fit_probe_aberrations`).
+The result, a :class:`ProbeRecovery`, says which aberrations came from the data (``from_data``) and which were kept
+at their initial values, and feeds a reconstruction directly: ``DeepCDIReconstruction(..., probe=result)``.
 """
 
 from __future__ import annotations
 
 import math
-import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,347 +23,187 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from py4DSTEM.process.phase.utils import aberrations_basis_function, fit_aberration_surface
-from torch.nn import functional as F
-from tqdm.auto import tqdm
+from py4DSTEM.process.utils import electron_wavelength_angstrom
 
-from .backend import torch_device
-from .encoding import probe_channels, remove_mask_mean
+from .comparison.inputs import is_reconstruction, reconstruction_vacuum, scan_patterns
 from .io import save_figure
 from .models import as_model
-from .probe import CARTESIAN_NAMES, AberrationRanges, ProbeGeometry, from_cartesian, to_cartesian
+from .preprocessing import datacube_array, detector_sampling, real_space_step
+from .probe import CARTESIAN_NAMES, AberrationRanges, ProbeGeometry, from_cartesian, to_cartesian, vacuum_pattern
+from .probe_epie import (
+    EPIESearch,
+    EPIESearchOptions,
+    ScanData,
+    check_overlap,
+    conditioning_warnings,
+    estimate_scan_rotation,
+    polar_uncertainty,
+    search_aberrations,
+)
+from .probe_overlap import (
+    MIN_OVERLAP,
+    PAIR_DISTANCE,
+    SEARCHABLE,
+    OverlapLoss,
+    OverlapSearch,
+    RecoveryOptions,
+    neighbour_pairs,
+    overlap_search,
+    search_ranges,
+    start_vector,
+)
 from .reconstruction import DeepCDIReconstruction
-from .runtime import PRECISIONS, prepared_network
 
-#: A pair counts only where the bilinearly shifted mask of its partner is whole (all four neighbours inside).
-_WHOLE = 0.999
-#: Smallest overlap of a usable pair, as a fraction of the illuminated mask.
-MIN_OVERLAP = 0.2
-#: Default pair distance as a fraction of the illuminated mask's radius (the choice: docs/probe_recovery.md).
-PAIR_DISTANCE = 0.5
-#: The aberrations a search may vary (each with its angle).
-SEARCHABLE = ("C10", "C12", "C21", "C23")
+__all__ = [
+    "MIN_OVERLAP", "PAIR_DISTANCE", "SEARCHABLE", "METHODS", "EPIESearchOptions", "OverlapLoss", "ProbeRecovery",
+    "RecoveryOptions", "aberration_errors", "fit_probe_aberrations", "neighbour_pairs", "recover_probe",
+]  # fmt: skip
+
+#: The recovery methods; the first is the default.
+METHODS = ("epie", "overlap")
+#: Polar parameters carried by each searchable aberration.
+_POLAR = {"C10": ("C10",), "C12": ("C12", "phi12"), "C21": ("C21", "phi21"), "C23": ("C23", "phi23")}
+#: Keywords a DataCube brings for method="epie" (the reconstruction's calibration arguments).
+_DATA_KEYWORDS = ("energy", "semiangle_cutoff", "scan_step", "angular_sampling", "rotation_deg", "transpose",
+                  "vacuum_probe_intensity", "rolloff", "subsample", "verbose")
 
 
 @dataclass
 class ProbeRecovery:
-    """Result of :func:`recover_probe`.
+    """Result of :func:`recover_probe`. Pass the object itself as ``DeepCDIReconstruction(..., probe=result)``.
 
     Attributes
     ----------
     aberrations
-        Recovered probe parameters (py4DSTEM polar names; Å and rad). Pass the object itself as
-        ``DeepCDIReconstruction(..., probe=result)``.
+        The 7 probe parameters (py4DSTEM polar names; Å and rad): those in ``from_data`` recovered, the others the
+        initial values.
     initial
         The starting parameters.
+    method
+        ``"epie"`` or ``"overlap"``.
+    from_data
+        Names of the parameters that came from the data (e.g. ``("C10", "C12", "phi12")``).
+    uncertainty
+        Error estimate of each parameter of ``from_data`` (Å, rad); NaN where the method gives none.
+    warnings
+        Messages about ill-conditioned parameters (also issued as ``UserWarning``).
     loss, initial_loss
-        Overlap disagreement of the recovered and of the initial probe.
-    history
-        Best loss after each iteration (n_iterations,).
-    trial_losses
-        Loss of every candidate (n_iterations, n_trials).
-    path
-        Best parameters after each iteration, Cartesian (n_iterations, 7) in Å (:data:`CARTESIAN_NAMES`).
-    pairs
-        (P, 2) indices of the neighbouring positions used; ``positions`` (J, 2) their positions (Å).
-    geometry
-        The model's geometry with the recovered aberrations.
-    initial_geometry
-        The model's geometry with the initial aberrations.
+        The method's loss at the recovered and at the initial probe.
+    geometry, initial_geometry
+        The probe geometry (data's for ``"epie"``, model's for ``"overlap"``) with the recovered and the initial
+        aberrations.
     time_s
-        Wall time of the search (s); ``evaluations`` the number of candidates evaluated.
+        Wall time of the search (s); ``evaluations`` the candidate probes evaluated.
     settings
-        The search settings.
+        The method's settings.
+    search
+        The method's record (:class:`~.probe_epie.EPIESearch` or :class:`~.probe_overlap.OverlapSearch`).
     """
 
     aberrations: dict[str, float]
     initial: dict[str, float]
+    method: str
+    from_data: tuple[str, ...]
+    uncertainty: dict[str, float]
+    warnings: list[str]
     loss: float
     initial_loss: float
-    history: np.ndarray
-    trial_losses: np.ndarray
-    path: np.ndarray
-    pairs: np.ndarray
-    positions: np.ndarray
     geometry: ProbeGeometry
     initial_geometry: ProbeGeometry
     time_s: float
     evaluations: int
     settings: dict[str, Any] = field(default_factory=dict)
+    search: EPIESearch | OverlapSearch | None = None
+
+    @property
+    def assumed(self) -> tuple[str, ...]:
+        """The parameters not recovered from the data (kept at their initial values)."""
+        return tuple(name for name in self.initial if name not in self.from_data)
 
     def visualize(self, path: str | Path | None = None, figsize=(13, 3.6)):
-        """Figure: initial and recovered probe (real-space amplitude with the phase of its Fourier transform, the
-        aberration function, inside the aperture) and the loss curve. Returns the figure; saved to ``path`` if given.
-        """
-        fig, axes = plt.subplots(1, 5, figsize=figsize)
-        for k, (label, geometry) in enumerate((("initial", self.initial_geometry), ("recovered", self.geometry))):
+        """Figure: aberration function χ(k) in the aperture of the initial and the recovered probe, and the search
+        (``"epie"``: the data error of every candidate against its C10, and the sub-blocks' estimates; ``"overlap"``:
+        the loss curve). Returns the figure; saved to ``path`` if given."""
+        fig, axes = plt.subplots(1, 4, figsize=figsize)
+        for ax, label, geometry in ((axes[0], "initial", self.initial_geometry), (axes[1], "recovered", self.geometry)):
             n = geometry.detector_shape[0]
-            extent = np.array([-0.5, n - 0.5, n - 0.5, -0.5]) - n // 2
-            axes[2 * k].imshow(np.abs(geometry.probe), cmap="gray", extent=extent * geometry.sampling[0])
-            axes[2 * k].contour(
-                np.arange(n) * geometry.sampling[0] - n // 2 * geometry.sampling[0],
-                np.arange(n) * geometry.sampling[0] - n // 2 * geometry.sampling[0],
-                geometry.mask.astype(float), [0.5], colors="tab:orange", linewidths=0.8,
-            )
-            axes[2 * k].set_title(f"{label} |P(r)|, mask")
-            axes[2 * k].set_xlabel("Å")
+            extent = (np.array([-0.5, n - 0.5, n - 0.5, -0.5]) - n // 2) * geometry.angular_sampling
             fourier = geometry.probe_fourier
             chi = np.where(np.abs(fourier) > 0.1 * np.abs(fourier).max(), -np.angle(fourier), np.nan)
-            axes[2 * k + 1].imshow(
-                chi, cmap="twilight", vmin=-np.pi, vmax=np.pi, extent=extent * geometry.angular_sampling
-            )
+            ax.imshow(chi, cmap="twilight", vmin=-np.pi, vmax=np.pi, extent=extent)
             ab = geometry.aberrations
-            axes[2 * k + 1].set_title(f"{label} χ(k): C10 {ab['C10']:.0f}, C12 {ab['C12']:.0f} Å", fontsize=9)
-            axes[2 * k + 1].set_xlabel("mrad")
-        axes[4].semilogy(np.arange(1, len(self.history) + 1), self.history, label="best")
-        axes[4].semilogy(np.arange(1, len(self.history) + 1), self.trial_losses.min(1), ".", ms=3, label="best trial")
-        axes[4].axhline(self.initial_loss, color="grey", ls=":", label="initial")
-        axes[4].set_xlabel("iteration")
-        axes[4].set_ylabel("overlap disagreement")
-        axes[4].legend(fontsize=8)
+            ax.set_title(f"{label} χ(k): C10 {ab['C10']:.1f}, C12 {ab['C12']:.1f} Å", fontsize=9)
+            ax.set_xlabel("mrad")
+        if isinstance(self.search, EPIESearch):
+            _draw_epie(self.search, axes[2], axes[3])
+        elif isinstance(self.search, OverlapSearch):
+            _draw_overlap(self.search, self.initial_loss, axes[2], axes[3])
         fig.tight_layout()
         if path is not None:
             save_figure(fig, path)
         return fig
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary (parameters, losses, time, settings)."""
-        return {
-            "aberrations": self.aberrations,
-            "initial": self.initial,
-            "loss": self.loss,
-            "initial_loss": self.initial_loss,
-            "history": self.history.tolist(),
-            "time_s": self.time_s,
-            "evaluations": self.evaluations,
-            "n_pairs": len(self.pairs),
-            "settings": self.settings,
-        }
+        """JSON-able summary (parameters, which came from the data, error estimates, warnings, losses, settings);
+        ``deepcdi reconstruct --probe`` reads its ``aberrations``."""
+        out = {
+            "aberrations": self.aberrations, "initial": self.initial, "method": self.method,
+            "from_data": list(self.from_data), "assumed": list(self.assumed),
+            "uncertainty": {k: (None if not math.isfinite(v) else v) for k, v in self.uncertainty.items()},
+            "warnings": list(self.warnings), "loss": self.loss, "initial_loss": self.initial_loss,
+            "time_s": self.time_s, "evaluations": self.evaluations, "settings": self.settings,
+        }  # fmt: skip
+        if isinstance(self.search, OverlapSearch):
+            out["history"] = self.search.history.tolist()
+        return out
 
     def __repr__(self) -> str:
-        ab = ", ".join(f"{k}={v:.4g}" for k, v in self.aberrations.items())
+        found = ", ".join(
+            f"{k}={self.aberrations[k]:.4g}" + (f"±{self.uncertainty[k]:.2g}" if k in self.uncertainty else "")
+            for k in self.from_data
+        )
         return (
-            f"ProbeRecovery({ab}; loss {self.initial_loss:.4g} -> {self.loss:.4g}, {len(self.pairs)} pairs, "
-            f"{self.evaluations} candidates in {self.time_s:.1f} s)"
+            f"ProbeRecovery({self.method}: {found}; assumed {', '.join(self.assumed) or 'none'}; loss "
+            f"{self.initial_loss:.4g} -> {self.loss:.4g}, {self.evaluations} candidates in {self.time_s:.1f} s"
+            f"{'; ' + str(len(self.warnings)) + ' warning(s)' if self.warnings else ''})"
         )
 
 
-# ---------------------------------------------------------------------------------------------- pairs
-def neighbour_pairs(
-    scan_shape: tuple[int, int], stride: int, n_pairs: int, rng: np.random.Generator | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of scan positions ``stride`` steps apart along either scan axis, from a compact block of the scan.
-
-    The block is the smallest m×m grid (stride apart, 2m(m−1) pairs) giving ``n_pairs`` pairs, placed at random
-    (``rng``) or in the centre; if the scan is too small, every pair it has. Returns ``(indices, pairs)``: the raster
-    indices of the positions used (M,) and the pairs (P, 2) as positions into ``indices``.
-    """
-    rx, ry = (int(n) for n in scan_shape)
-    stride = max(1, int(stride))
-    counts = [(rx - 1) // stride + 1, (ry - 1) // stride + 1]  # grid points along each axis
-    m = 2
-    while 2 * m * (m - 1) < n_pairs and (m < counts[0] or m < counts[1]):
-        m += 1
-    mx, my = min(m, counts[0]), min(m, counts[1])
-    if mx * (my - 1) + my * (mx - 1) == 0:
-        raise ValueError(
-            f"the scan ({rx}×{ry} positions) has no pair of positions {stride} step(s) apart: probe recovery needs "
-            "a 2-D scan (or at least a line) of overlapping positions"
-        )
-    span_x, span_y = (mx - 1) * stride, (my - 1) * stride
-    if rng is None:
-        x0, y0 = (rx - 1 - span_x) // 2, (ry - 1 - span_y) // 2
-    else:
-        x0, y0 = int(rng.integers(0, rx - span_x)), int(rng.integers(0, ry - span_y))
-    gx, gy = np.meshgrid(x0 + stride * np.arange(mx), y0 + stride * np.arange(my), indexing="ij")
-    indices = (gx * ry + gy).ravel()
-    local = np.arange(mx * my).reshape(mx, my)
-    along_x = np.stack([local[:-1].ravel(), local[1:].ravel()], 1)
-    along_y = np.stack([local[:, :-1].ravel(), local[:, 1:].ravel()], 1)
-    pairs = np.concatenate([along_x, along_y])
-    if rng is not None:
-        pairs = pairs[rng.permutation(len(pairs))]
-    return indices, pairs[: max(1, int(n_pairs))]
+def _draw_epie(found: EPIESearch, ax_loss, ax_blocks) -> None:
+    """The data error of every candidate against its C10; the sub-blocks' estimates of C10 and C12 (a, b)."""
+    order = np.arange(len(found.losses))
+    points = ax_loss.scatter(found.vectors[:, 0], found.losses, c=order, cmap="viridis", s=12)
+    ax_loss.axvline(found.best[0], color="tab:red", lw=0.8, label="recovered")
+    ax_loss.axvline(found.start[0], color="grey", ls=":", label="initial")
+    ax_loss.set_xlabel("candidate C10 (Å)")
+    ax_loss.set_ylabel("ePIE data error")
+    ax_loss.legend(fontsize=8)
+    plt.colorbar(points, ax=ax_loss, label="evaluation")
+    for i in range(3):
+        values = found.block_estimates[:, i] - found.best[i]
+        ax_blocks.plot(np.full(len(values), i), values, "o", ms=4, color="tab:blue")
+        ax_blocks.errorbar(i + 0.2, 0, yerr=found.sigma[i], fmt="s", color="tab:red", ms=4, capsize=3)
+    ax_blocks.set_xticks(range(3), CARTESIAN_NAMES[:3])
+    ax_blocks.set_ylabel("sub-block − recovered (Å)")
+    ax_blocks.set_title("sub-blocks (blue), error estimate (red)", fontsize=9)
 
 
-# ---------------------------------------------------------------------------------------------- the loss
-class OverlapLoss:
-    """The overlap disagreement L(θ) of a fixed set of patterns and pairs, for batches of candidate probes.
-
-    Parameters
-    ----------
-    model
-        A probe-conditioned :class:`~py4dstem_deepcdi.models.DeepCDIModel`.
-    amplitudes
-        (M, N, N) network inputs of the positions used.
-    positions
-        (M, 2) their positions (Å).
-    pairs
-        (P, 2) index pairs into ``amplitudes``.
-    normalize
-        Divide each pair's disagreement by the spread of its patches over the overlap.
-    precision, device, batch_size
-        Network arithmetic, device and patterns per forward pass.
-    """
-
-    def __init__(
-        self,
-        model,
-        amplitudes: np.ndarray,
-        positions: np.ndarray,
-        pairs: np.ndarray,
-        normalize: bool = True,
-        precision: str = "bf16",
-        device: str = "cpu",
-        batch_size: int = 2048,
-    ):
-        model.require_conditioned("probe recovery")
-        self.model = model
-        self.device = torch_device(device)
-        self.net = prepared_network(model, precision, self.device)
-        self.amplitudes = torch.as_tensor(np.asarray(amplitudes, dtype=np.float32), device=self.device)
-        self.pairs = torch.as_tensor(np.asarray(pairs), device=self.device).long()
-        self.normalize = bool(normalize)
-        self.batch_size = int(batch_size)
-        n0, n1 = model.geometry.detector_shape
-        positions = np.asarray(positions)
-        shifts = (positions[pairs[:, 1]] - positions[pairs[:, 0]]) / np.asarray(model.geometry.sampling)
-        # grid_sample coordinates (align_corners=True: −1 and 1 are the first and last pixel centres) of r − s_ij
-        r0, r1 = np.meshgrid(np.arange(n0), np.arange(n1), indexing="ij")
-        rows = (r0[None] - shifts[:, 0, None, None]) * 2 / (n0 - 1) - 1
-        cols = (r1[None] - shifts[:, 1, None, None]) * 2 / (n1 - 1) - 1
-        self.grid = torch.as_tensor(np.stack([cols, rows], -1), dtype=torch.float32, device=self.device)  # (P, N, N, 2)
-
-    def geometries(self, vectors: np.ndarray) -> list[ProbeGeometry]:
-        """The model's geometry with each candidate's aberrations (Cartesian vectors (T, 7), Å)."""
-        return [self.model.geometry.replace(aberrations=from_cartesian(v)) for v in np.atleast_2d(vectors)]
-
-    @torch.inference_mode()
-    def patches(self, geometries: Sequence[ProbeGeometry]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-mean masked patches (T, M, N, N) and masks (T, N, N) for each candidate probe."""
-        t, (m, n0, n1) = len(geometries), self.amplitudes.shape
-        channels = probe_channels(np.stack([g.probe for g in geometries])).to(self.device)  # (T, 2, N, N)
-        masks = torch.as_tensor(np.stack([g.mask for g in geometries]), dtype=torch.float32, device=self.device)
-        out = torch.empty(t, m, n0, n1, device=self.device)
-        flat_out = out.view(t * m, n0, n1)
-        total = t * m
-        for start in range(0, total, self.batch_size):
-            stop = min(start + self.batch_size, total)
-            k = torch.arange(start, stop, device=self.device)
-            x = torch.cat([self.amplitudes[k % m, None], channels[k // m]], 1)
-            flat_out[start:stop] = self.net(x)[:, 0]
-        return remove_mask_mean(out, masks[:, None]), masks
-
-    @torch.inference_mode()
-    def __call__(self, vectors: np.ndarray) -> np.ndarray:
-        """Loss of each candidate (Cartesian vectors (T, 7), Å): (T,) numpy."""
-        geometries = self.geometries(vectors)
-        patches, masks = self.patches(geometries)
-        t, p = len(geometries), len(self.pairs)
-        first = patches[:, self.pairs[:, 0]]  # (T, P, N, N)
-        second = patches[:, self.pairs[:, 1]]
-        grid = self.grid.repeat(t, 1, 1, 1)
-        n0, n1 = first.shape[-2:]
-        moved = F.grid_sample(second.reshape(t * p, 1, n0, n1), grid, mode="bilinear", align_corners=True)
-        moved_mask = F.grid_sample(
-            masks[:, None].expand(t, p, n0, n1).reshape(t * p, 1, n0, n1), grid, mode="bilinear", align_corners=True
-        )
-        w = (moved_mask.view(t, p, n0, n1) > _WHOLE) * masks[:, None]
-        area = w.sum((-2, -1)).clamp_min(1)
-        d = first - moved.view(t, p, n0, n1)
-        d = d - (d * w).sum((-2, -1), keepdim=True) / area[..., None, None]
-        loss = (d.abs() * w).sum((-2, -1)) / area  # (T, P)
-        if self.normalize:
-            spread = torch.zeros_like(loss)
-            for values in (first, moved.view(t, p, n0, n1)):
-                centred = values - (values * w).sum((-2, -1), keepdim=True) / area[..., None, None]
-                spread += (centred.abs() * w).sum((-2, -1)) / area
-            loss = loss / spread.clamp_min(1e-6)
-        # a pair whose overlap is below MIN_OVERLAP of the mask tells nothing: it gets the worst loss of its
-        # candidate (1, the level of unrelated patches, when normalised), so a probe cannot win by not overlapping
-        usable = w.sum((-2, -1)) >= MIN_OVERLAP * masks.sum((-2, -1))[:, None]
-        worst = torch.where(usable, loss, torch.zeros_like(loss)).amax(1, keepdim=True)
-        penalty = torch.ones_like(worst) if self.normalize else torch.where(worst > 0, worst, torch.ones_like(worst))
-        return torch.where(usable, loss, penalty).mean(1).cpu().numpy()
+def _draw_overlap(found: OverlapSearch, initial_loss: float, ax_loss, ax_path) -> None:
+    """The overlap loss curve and the best C10 after each iteration."""
+    iterations = np.arange(1, len(found.history) + 1)
+    ax_loss.semilogy(iterations, found.history, label="best")
+    ax_loss.semilogy(iterations, found.trials.min(1), ".", ms=3, label="best trial")
+    ax_loss.axhline(initial_loss, color="grey", ls=":", label="initial")
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_ylabel("overlap disagreement")
+    ax_loss.legend(fontsize=8)
+    ax_path.plot(iterations, found.path[:, 0])
+    ax_path.set_xlabel("iteration")
+    ax_path.set_ylabel("best C10 (Å)")
 
 
-# ---------------------------------------------------------------------------------------------- the search
-@dataclass(frozen=True)
-class RecoveryOptions:
-    """Settings of the probe search of :func:`recover_probe` (its keywords of the same names).
-
-    Raises
-    ------
-    ValueError
-        If a count is below 1, ``search`` names something other than C10, C12, C21, C23, ``final_radius`` is
-        outside (0, 1], ``pair_distance`` is not a positive distance or ``precision`` is unknown.
-    """
-
-    n_pairs: int = field(default=100, metadata={"help": "pairs of neighbouring positions compared", "flag": "--pairs"})
-    n_iterations: int = field(default=50, metadata={"help": "search iterations", "flag": "--iterations"})
-    n_trials: int = field(default=30, metadata={"help": "random candidates per iteration", "flag": "--trials"})
-    ranges: AberrationRanges | None = field(
-        default=None, metadata={"help": "search ranges (default the model's training ranges; must lie inside them)"}
-    )
-    search: tuple[str, ...] = field(
-        default=SEARCHABLE,
-        metadata={"help": "aberrations searched, of C10, C12, C21, C23 (each with its angle); the others stay fixed"},
-    )
-    pair_distance: float | None = field(
-        default=None,
-        metadata={"help": "distance of paired positions (Å); default PAIR_DISTANCE × the initial mask's radius"},
-    )
-    final_radius: float = field(
-        default=0.02, metadata={"help": "search radius at the last iteration, as a fraction of the first (half ranges)"}
-    )
-    normalize: bool = field(
-        default=True, metadata={"help": "divide each pair's disagreement by the spread of its patches over the overlap"}
-    )
-    random_block: bool = field(
-        default=False, metadata={"help": "take the block of positions at a random place of the scan (default: centre)"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the random initial probe, the block and the candidates"})
-    precision: str = field(default="bf16", metadata={"help": "network arithmetic: bf16 or fp32"})
-
-    def __post_init__(self):
-        for name in ("n_pairs", "n_iterations", "n_trials", "seed"):
-            object.__setattr__(self, name, int(getattr(self, name)))
-        object.__setattr__(self, "search", tuple(self.search))
-        for name in self.search:
-            if name not in SEARCHABLE:
-                raise ValueError(
-                    f"search names aberrations among C10, C12, C21, C23 (angles come with them), got {name!r}"
-                )
-        for name in ("n_pairs", "n_iterations", "n_trials"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.final_radius <= 1:
-            raise ValueError(f"final_radius must lie in (0, 1], got {self.final_radius}")
-        if self.pair_distance is not None:
-            _check_pair_distance(self.pair_distance)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-
-def _check_pair_distance(distance: float) -> None:
-    if not (math.isfinite(distance) and distance > 0):
-        raise ValueError(f"pair_distance must be a positive distance in Å, got {distance}")
-
-
-@dataclass
-class _SearchPath:
-    """What the stochastic search went through: the best vector and loss, per-iteration records, its time (s)."""
-
-    best: np.ndarray
-    best_loss: float
-    initial_loss: float
-    history: list[float]
-    trials: list[np.ndarray]
-    path: list[np.ndarray]
-    time_s: float
-
-
+# ---------------------------------------------------------------------------------------------- recover_probe
 def recover_probe(
     data,
     model=None,
@@ -376,100 +212,239 @@ def recover_probe(
     n_iterations: int = RecoveryOptions.n_iterations,
     n_trials: int = RecoveryOptions.n_trials,
     *,
-    ranges: AberrationRanges | None = RecoveryOptions.ranges,
-    search: Sequence[str] = RecoveryOptions.search,
+    method: str = METHODS[0],
+    ranges: AberrationRanges | None = None,
+    search: Sequence[str] | None = None,
     pair_distance: float | None = RecoveryOptions.pair_distance,
     final_radius: float = RecoveryOptions.final_radius,
     normalize: bool = RecoveryOptions.normalize,
     random_block: bool = RecoveryOptions.random_block,
     seed: int = RecoveryOptions.seed,
     precision: str = RecoveryOptions.precision,
+    block: int = EPIESearchOptions.block,
+    n_blocks: int = EPIESearchOptions.n_blocks,
+    epie_iterations: int = EPIESearchOptions.epie_iterations,
+    batch: int = EPIESearchOptions.batch,
+    radii: tuple[float, ...] = EPIESearchOptions.radii,
+    tolerance: float = EPIESearchOptions.tolerance,
+    detector_angle: float | None = EPIESearchOptions.detector_angle,
     device: str | None = None,
     progress: bool = True,
-    **reconstruction_kwargs: Any,
+    **data_kwargs: Any,
 ) -> ProbeRecovery:
-    """Recover the probe's 7 aberration parameters from the data by minimising the overlap disagreement.
+    """Recover the probe's aberrations from the data.
 
     Parameters
     ----------
     data
-        A :class:`~py4dstem_deepcdi.DeepCDIReconstruction` built with a probe-conditioned model (preprocessed or
-        not), or a py4DSTEM DataCube; for a DataCube give ``energy`` and ``semiangle_cutoff`` (and any other
-        :class:`~py4dstem_deepcdi.DeepCDIReconstruction` argument) as keywords.
+        A py4DSTEM DataCube (or 4-D array of counts) with its calibration keywords (below), or a
+        :class:`~py4dstem_deepcdi.DeepCDIReconstruction` (preprocessed or not; its data, calibration, scan rotation,
+        vacuum probe and aberrations are used).
     model
-        The probe-conditioned model (for a DataCube; a reconstruction brings its own).
+        ``"overlap"``: the probe-conditioned model (for a DataCube; a reconstruction brings its own). ``"epie"``:
+        optional, its reference aberrations and aperture roll-off serve as defaults.
     initial
-        Starting parameters (polar names, Å/rad). None: a random probe inside the ranges, as in the paper.
-    n_pairs, n_iterations, n_trials
-        Pairs of neighbouring positions compared, search iterations, random candidates per iteration.
-    ranges, search, pair_distance, final_radius, normalize, random_block, seed, precision
-        The other search settings, as :class:`RecoveryOptions` describes them (all defaults there).
+        Starting parameters (polar names, Å/rad): ``"epie"`` needs them (or a model or reconstruction to take
+        them from); ``"overlap"`` draws a random probe inside the ranges when None, as in the paper.
+    method
+        ``"epie"`` (default) or ``"overlap"``.
+    ranges
+        Bounds of the candidates (:class:`~py4dstem_deepcdi.probe.AberrationRanges`); ``"overlap"``: default the
+        model's training ranges, inside which they must lie; ``"epie"``: default none, and given ranges must fit the
+        detector's real-space window.
+    search
+        The aberrations searched, of C10, C12, C21, C23 (each with its angle); default ``("C10", "C12")`` for
+        ``"epie"`` and all four for ``"overlap"``. The others stay at their initial values.
+    n_pairs, n_iterations, n_trials, pair_distance, final_radius, normalize, random_block, seed, precision
+        The ``"overlap"`` settings, as :class:`~.probe_overlap.RecoveryOptions` describes them.
+    block, n_blocks, epie_iterations, batch, radii, tolerance, detector_angle
+        The ``"epie"`` settings, as :class:`~.probe_epie.EPIESearchOptions` describes them.
     device
-        Network device (default the reconstruction's, else ``"cpu"``).
+        ``"overlap"``: the network's device (default the reconstruction's, else ``"cpu"``).
     progress
         tqdm progress bar.
+    **data_kwargs
+        For a DataCube: ``energy`` (eV) and ``semiangle_cutoff`` (mrad), required; ``"epie"`` also takes
+        ``scan_step`` (Å), ``angular_sampling`` (mrad) (default: the calibration), ``rotation_deg``, ``transpose``
+        (default: py4DSTEM's centre-of-mass estimate), ``vacuum_probe_intensity`` (the data's detector; used as the
+        aperture), ``rolloff`` (mrad; default the model's, else 2), ``subsample`` and ``verbose`` (ignored: the
+        progress bar is ``progress``); ``"overlap"`` any
+        :class:`~py4dstem_deepcdi.DeepCDIReconstruction` argument.
 
     Returns
     -------
     ProbeRecovery
-        The recovered parameters, the loss history and the settings.
+        The parameters, which came from the data, their error estimates, warnings and the search record.
 
     Raises
     ------
     ValueError
-        For a fixed-probe model, a DataCube without model, energy or semi-angle, a reconstruction with another
-        model, search ranges outside the training ranges, an initial probe outside the search ranges, a scan
-        without pairs of overlapping neighbours, or settings that :class:`RecoveryOptions` refuses.
+        An unknown method; settings the options refuse; a DataCube without energy or semi-angle; ``"epie"``
+        without initial aberrations, with a non-square scan step, a vacuum pattern of another shape, a scan too
+        small for its blocks, a step so large that positions do not overlap, or ranges (or an initial probe) that
+        do not fit the detector's window; ``"overlap"``: a fixed-probe model, ranges outside its training ranges, an
+        initial probe outside the ranges, a scan without overlapping pairs.
+    TypeError
+        A keyword that the method does not take.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "epie":
+        options = EPIESearchOptions(
+            block=block, n_blocks=n_blocks, epie_iterations=epie_iterations, batch=batch, radii=radii,
+            search=EPIESearchOptions.search if search is None else search, tolerance=tolerance,
+            detector_angle=detector_angle,
+        )  # fmt: skip
+        return _recover_epie(data, model, initial, options, ranges, progress, data_kwargs)
     options = RecoveryOptions(
-        n_pairs=n_pairs, n_iterations=n_iterations, n_trials=n_trials, ranges=ranges, search=search,
-        pair_distance=pair_distance, final_radius=final_radius, normalize=normalize, random_block=random_block,
-        seed=seed, precision=precision,
+        n_pairs=n_pairs, n_iterations=n_iterations, n_trials=n_trials, ranges=ranges,
+        search=RecoveryOptions.search if search is None else search, pair_distance=pair_distance,
+        final_radius=final_radius, normalize=normalize, random_block=random_block, seed=seed, precision=precision,
     )  # fmt: skip
-    recon = _as_reconstruction(data, model, initial, device, reconstruction_kwargs)
-    model = recon.model
-    model.require_conditioned("recover_probe")
-    device = device or recon.device
-    ranges = _search_ranges(options.ranges, model.aberration_ranges)
-    rng = np.random.default_rng(options.seed)
-    if recon.data is None:
-        recon.preprocess()
-    d = recon.data
-    start = _start_vector(initial, ranges, rng)
-    initial_geometry = model.geometry.replace(aberrations=from_cartesian(start))
-    loss, indices, pairs, distance, stride = _overlap_loss(model, d, initial_geometry, options, rng, device)
-    found = _stochastic_search(loss, start, ranges, options, rng, progress)
+    return _recover_overlap(data, model, initial, options, device, progress, data_kwargs)
+
+
+def _from_data(search: Sequence[str]) -> tuple[str, ...]:
+    return tuple(name for s in search for name in _POLAR[s])
+
+
+# ---------------------------------------------------------------------------------------------- method="epie"
+def _recover_epie(data, model, initial, options: EPIESearchOptions, ranges, progress: bool,
+                  data_kwargs: dict[str, Any]) -> ProbeRecovery:
+    """:func:`recover_probe` with ``method="epie"``."""
+    scan, reference = _scan_data(data, model, data_kwargs)
+    if initial is None and reference is None:
+        raise ValueError("method='epie' needs the initial aberrations: recover_probe(..., initial={'C10': -100.0}) "
+                         "(or a model or reconstruction to take them from)")
+    start = from_cartesian(to_cartesian(initial if initial is not None else reference))
+    initial_geometry = scan.geometry(start)  # refuses a start probe that does not fit the window
+    check_overlap(scan, initial_geometry)
+    if ranges is not None:
+        ranges.check(initial_geometry)
+        problems = ranges.contains(start)
+        if problems:
+            raise ValueError(f"the initial probe lies outside the search ranges: {'; '.join(problems)}")
+    found = search_aberrations(scan, start, options, ranges, progress)
     recovered = from_cartesian(found.best)
+    for name in start:  # the aberrations not searched keep their exact initial values
+        if name not in _from_data(options.search):
+            recovered[name] = start[name]
+    messages = conditioning_warnings(found, scan, options)
+    for message in messages:
+        warnings.warn(message, stacklevel=3)
+    sigma = polar_uncertainty(found.best, found.sigma)
+    try:
+        geometry = scan.geometry(recovered)
+    except ValueError as exc:
+        raise ValueError(f"the search ended at a probe that does not fit the detector's window ({exc}): check that "
+                         "the aperture model matches the data (vacuum_probe_intensity, rolloff), bound the search "
+                         "with ranges=AberrationRanges(...) or start closer") from None
     return ProbeRecovery(
-        aberrations=recovered, initial=from_cartesian(start), loss=found.best_loss, initial_loss=found.initial_loss,
-        history=np.asarray(found.history), trial_losses=np.asarray(found.trials), path=np.asarray(found.path),
-        pairs=indices[pairs], positions=d.positions[indices], geometry=model.geometry.replace(aberrations=recovered),
-        initial_geometry=initial_geometry, time_s=found.time_s,
-        evaluations=1 + options.n_iterations * options.n_trials,
+        aberrations=recovered, initial=start, method="epie", from_data=_from_data(options.search),
+        uncertainty={k: sigma[k] for k in _from_data(options.search)}, warnings=messages, loss=found.loss,
+        initial_loss=found.initial_loss, geometry=geometry, initial_geometry=initial_geometry,
+        time_s=found.time_s, evaluations=len(found.vectors), search=found,
         settings={
-            "n_pairs": len(pairs), "n_iterations": options.n_iterations, "n_trials": options.n_trials,
-            "ranges": ranges.to_dict(), "search": list(options.search), "pair_distance_A": float(distance),
-            "stride_steps": int(stride), "final_radius": float(options.final_radius),
-            "normalize": bool(options.normalize), "seed": options.seed, "precision": options.precision,
+            "block": options.block, "n_blocks": options.n_blocks, "epie_iterations": options.epie_iterations,
+            "batch": options.batch, "radii": list(options.radii), "search": list(options.search),
+            "tolerance": options.tolerance, "detector_angle": options.detector_angle,
+            "main_block": found.main_block.tolist(), "blocks": found.blocks.tolist(),
+            "ranges": None if ranges is None else ranges.to_dict(), "scan_step_A": scan.step,
+            "angular_sampling_mrad": scan.angular, "rotation_deg": scan.rotation_deg, "transpose": scan.transpose,
+            "vacuum_probe": scan.vacuum is not None, "rolloff_mrad": scan.rolloff,
         },
     )  # fmt: skip
 
 
-def _overlap_loss(
-    model, data, initial_geometry: ProbeGeometry, options: RecoveryOptions, rng: np.random.Generator, device: str
-) -> tuple[OverlapLoss, np.ndarray, np.ndarray, float, int]:
-    """The loss over a block of positions of the preprocessed ``data``: (loss, raster indices of the positions,
-    pairs into them, pair distance (Å), pair stride (scan steps))."""
-    distance = options.pair_distance
-    if distance is None:
-        distance = PAIR_DISTANCE * math.sqrt(initial_geometry.mask_area / math.pi)
-        _check_pair_distance(distance)
-    stride = max(1, round(distance / min(data.scan_step)))
-    indices, pairs = neighbour_pairs(data.scan_shape, stride, options.n_pairs, rng if options.random_block else None)
-    loss = OverlapLoss(
-        model, data.amplitudes[indices], data.positions[indices], pairs, options.normalize, options.precision, device
-    )
-    return loss, indices, pairs, distance, stride
+def _scan_data(data, model, data_kwargs: dict[str, Any]) -> tuple[ScanData, dict[str, float] | None]:
+    """The :class:`ScanData` of a reconstruction or a DataCube, and the reference aberrations (the reconstruction's
+    or the model's, else None)."""
+    if is_reconstruction(data):
+        if data_kwargs:
+            raise TypeError(f"recover_probe on a reconstruction takes no data keywords, got {sorted(data_kwargs)}")
+        if data.data is None:
+            data.preprocess()
+        step = data.data.scan_step
+        _require_square(step)
+        patterns = scan_patterns(data)
+        g = data.geometry
+        scan = ScanData(patterns, float(step[0]), float(data.data.data_angular_sampling), float(data.data.rotation_deg),
+                        bool(data.data.transpose), g.energy, g.semiangle_cutoff, g.rolloff,
+                        _vacuum(reconstruction_vacuum(data, patterns.shape[2:]), patterns.shape[2:]))
+        return scan, dict(g.aberrations)
+    unknown = sorted(set(data_kwargs) - set(_DATA_KEYWORDS))
+    if unknown:
+        raise TypeError(f"recover_probe(method='epie') got unknown keywords {unknown}; it takes {_DATA_KEYWORDS}")
+    if "energy" not in data_kwargs or "semiangle_cutoff" not in data_kwargs:
+        raise ValueError("recover_probe on a DataCube needs energy (eV) and semiangle_cutoff (mrad) keywords")
+    model = as_model(model) if model is not None else None
+    kw = data_kwargs
+    patterns = datacube_array(data)
+    subsample = int(kw.get("subsample", 1))
+    if subsample < 1:
+        raise ValueError(f"subsample must be >= 1, got {subsample}")
+    step = real_space_step(data, kw.get("scan_step"))
+    _require_square(step)
+    rolloff = float(kw.get("rolloff", model.geometry.rolloff if model is not None else 2.0))
+    wavelength = float(electron_wavelength_angstrom(float(kw["energy"])))
+    scan = ScanData(
+        patterns[::subsample, ::subsample] if subsample > 1 else patterns, step[0] * subsample,
+        detector_sampling(data, wavelength, kw.get("angular_sampling")), float(kw.get("rotation_deg") or 0.0),
+        bool(kw.get("transpose") or False), float(kw["energy"]), float(kw["semiangle_cutoff"]), rolloff,
+        _vacuum(kw.get("vacuum_probe_intensity"), patterns.shape[2:]),
+    )  # fmt: skip
+    if kw.get("rotation_deg") is None or kw.get("transpose") is None:
+        rotation, transpose = estimate_scan_rotation(scan)
+        scan = ScanData(scan.patterns, scan.step, scan.angular,
+                        rotation if kw.get("rotation_deg") is None else scan.rotation_deg,
+                        transpose if kw.get("transpose") is None else scan.transpose,
+                        scan.energy, scan.semiangle, scan.rolloff, scan.vacuum)
+    return scan, dict(model.geometry.aberrations) if model is not None else None
+
+
+def _require_square(step: Sequence[float]) -> None:
+    if abs(step[0] - step[1]) > 1e-9 * step[0]:
+        raise ValueError(f"method='epie' needs a square scan step, got {tuple(step)} Å")
+
+
+def _vacuum(vacuum, detector_shape: tuple[int, int]) -> np.ndarray | None:
+    """The vacuum pattern as an array of the data's detector shape (None stays None); ValueError otherwise."""
+    if vacuum is None:
+        return None
+    pattern = vacuum_pattern(vacuum)
+    if pattern.shape != tuple(detector_shape):
+        raise ValueError(f"vacuum_probe_intensity has shape {pattern.shape}, but the data's patterns are "
+                         f"{tuple(detector_shape)}: give the vacuum pattern recorded on the data's detector")
+    return pattern
+
+
+# ---------------------------------------------------------------------------------------------- method="overlap"
+def _recover_overlap(data, model, initial, options: RecoveryOptions, device: str | None, progress: bool,
+                     reconstruction_kwargs: dict[str, Any]) -> ProbeRecovery:
+    """:func:`recover_probe` with ``method="overlap"``."""
+    recon = _as_reconstruction(data, model, initial, device, reconstruction_kwargs)
+    model = recon.model
+    model.require_conditioned("recover_probe")
+    ranges = search_ranges(options.ranges, model.aberration_ranges)
+    rng = np.random.default_rng(options.seed)
+    if recon.data is None:
+        recon.preprocess()
+    start = start_vector(initial, ranges, rng)
+    found = overlap_search(model, recon.data, start, ranges, options, rng, device or recon.device, progress)
+    recovered = from_cartesian(found.best)
+    return ProbeRecovery(
+        aberrations=recovered, initial=from_cartesian(start), method="overlap", from_data=_from_data(options.search),
+        uncertainty=dict.fromkeys(_from_data(options.search), math.nan), warnings=[], loss=found.best_loss,
+        initial_loss=found.initial_loss, geometry=model.geometry.replace(aberrations=recovered),
+        initial_geometry=model.geometry.replace(aberrations=from_cartesian(start)), time_s=found.time_s,
+        evaluations=found.evaluations, search=found,
+        settings={
+            "n_pairs": len(found.pairs), "n_iterations": options.n_iterations, "n_trials": options.n_trials,
+            "ranges": ranges.to_dict(), "search": list(options.search), "pair_distance_A": found.distance,
+            "stride_steps": found.stride, "final_radius": float(options.final_radius),
+            "normalize": bool(options.normalize), "seed": options.seed, "precision": options.precision,
+        },
+    )  # fmt: skip
 
 
 def _as_reconstruction(
@@ -483,7 +458,8 @@ def _as_reconstruction(
         return data
     if model is None:
         raise ValueError(
-            "give the probe-conditioned model: recover_probe(datacube, model, energy=..., semiangle_cutoff=...)"
+            "method='overlap' needs the probe-conditioned model: recover_probe(datacube, model, method='overlap', "
+            "energy=..., semiangle_cutoff=...)"
         )
     model = as_model(model, device=device or "cpu")  # loaded once, handed on as the object
     model.require_conditioned("recover_probe")
@@ -496,76 +472,17 @@ def _as_reconstruction(
     return DeepCDIReconstruction(data, model=model, probe=dict(reference), **kwargs)
 
 
-def _search_ranges(ranges: AberrationRanges | None, trained: AberrationRanges | None) -> AberrationRanges:
-    """The search ranges: ``ranges`` (checked to lie inside the training ranges ``trained``) or ``trained``."""
-    ranges = ranges or trained
-    if trained is not None and ranges is not trained:
-        lo, hi = ranges.bounds()
-        tlo, thi = trained.bounds()
-        if np.any(lo < tlo - 1e-9) or np.any(hi > thi + 1e-9):
-            raise ValueError(
-                f"search ranges {ranges.to_dict()} leave the model's training ranges {trained.to_dict()} (Å)"
-            )
-    return ranges
-
-
-def _start_vector(
-    initial: Mapping[str, float] | None, ranges: AberrationRanges, rng: np.random.Generator
-) -> np.ndarray:
-    """The Cartesian starting vector (7,) (Å): ``initial``, checked to lie in the ranges, or a random one."""
-    if initial is None:
-        return ranges.sample(1, rng)[0]
-    start = to_cartesian(initial)
-    problems = ranges.contains(from_cartesian(start))
-    if problems:
-        raise ValueError(f"the initial probe lies outside the search ranges: {'; '.join(problems)}")
-    return start
-
-
-def _stochastic_search(
-    loss: OverlapLoss,
-    start: np.ndarray,
-    ranges: AberrationRanges,
-    options: RecoveryOptions,
-    rng: np.random.Generator,
-    progress: bool,
-) -> _SearchPath:
-    """The paper's stochastic search from ``start``: ``n_trials`` Gaussian candidates around the best per iteration,
-    clipped to the ranges, the radius shrinking geometrically from half the ranges to ``final_radius`` of them."""
-    active = np.zeros(7, dtype=bool)
-    for name in options.search:
-        active[[i for i, c in enumerate(CARTESIAN_NAMES) if c.startswith(name)]] = True
-    lo, hi = ranges.bounds()
-    radius0 = np.where(active, (hi - lo) / 2, 0.0)
-    t0 = time.perf_counter()
-    best = start.copy()
-    best_loss = initial_loss = float(loss(best[None])[0])
-    history, trials, path = [], [], []
-    n = options.n_iterations
-    bar = tqdm(range(n), desc="probe search", disable=not progress)
-    for it in bar:
-        radius = radius0 * options.final_radius ** (it / max(n - 1, 1))
-        candidates = ranges.clip(best + radius * rng.standard_normal((options.n_trials, 7)))
-        losses = loss(candidates)
-        k = int(np.argmin(losses))
-        if losses[k] < best_loss:
-            best, best_loss = candidates[k], float(losses[k])
-        history.append(best_loss)
-        trials.append(losses)
-        path.append(best.copy())
-        bar.set_postfix(loss=f"{best_loss:.4g}", C10=f"{best[0]:.1f}")
-    bar.close()
-    return _SearchPath(best, best_loss, initial_loss, history, trials, path, time.perf_counter() - t0)
-
-
-
 # ---------------------------------------------------------------------------------------------- py4DSTEM's fit
-def fit_probe_aberrations(probe: np.ndarray, geometry: ProbeGeometry) -> dict[str, float]:
+def fit_probe_aberrations(
+    probe: np.ndarray, geometry: ProbeGeometry, aperture: np.ndarray | None = None
+) -> dict[str, float]:
     """The 7 parameters (polar names, Å and rad) of a complex real-space probe (centred, on ``geometry``'s grid).
 
     py4DSTEM's aberration-surface fit (``fit_aberration_surface``: unwrapped Fourier phase, amplitude-weighted least
     squares on the α^(m+1) cos/sin(nφ) basis up to radial order 2 and angular order 3, whose coefficients are the
-    Cartesian parameters in Å). Raises ValueError if ``probe`` is not complex of the geometry's shape.
+    Cartesian parameters in Å). ``aperture``: a detector intensity (centred, e.g. the vacuum pattern) whose square
+    root weights the fit instead of the probe's own Fourier amplitude (which a probe-updating ePIE leaves noisy
+    outside the aperture). Raises ValueError if ``probe`` (or ``aperture``) is not of the geometry's shape.
     """
     probe = np.asarray(probe)
     if probe.shape != geometry.detector_shape or not np.iscomplexobj(probe):
@@ -574,6 +491,11 @@ def fit_probe_aberrations(probe: np.ndarray, geometry: ProbeGeometry) -> dict[st
             f"got {probe.dtype} {probe.shape}"
         )
     fourier = np.fft.fft2(np.fft.ifftshift(probe))  # corner-centred, as py4DSTEM keeps it
+    if aperture is not None:
+        aperture = vacuum_pattern(aperture)
+        if aperture.shape != geometry.detector_shape:
+            raise ValueError(f"aperture must have the geometry's shape {geometry.detector_shape}, got {aperture.shape}")
+        fourier = np.sqrt(np.fft.ifftshift(np.maximum(aperture, 0))) * np.exp(1j * np.angle(fourier))
     orders = (3, 3)  # max angular order, max radial order: exactly the 7 parameters and a constant
     _, coefficients = fit_aberration_surface(fourier, geometry.sampling, geometry.energy, *orders, True)
     _, mn = aberrations_basis_function(geometry.detector_shape, geometry.sampling, geometry.energy, *orders)
@@ -594,4 +516,3 @@ def aberration_errors(recovered: Mapping[str, float], truth: Mapping[str, float]
     for i, name in enumerate(("C12", "C21", "C23")):
         out[name] = float(np.hypot(*(a[1 + 2 * i : 3 + 2 * i] - b[1 + 2 * i : 3 + 2 * i])))
     return out
-

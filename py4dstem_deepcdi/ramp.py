@@ -106,6 +106,10 @@ def probe_weighted_gradients(
     return np.stack(gradients, -1), valid
 
 
+class UnanchorableRamp(ValueError):
+    """No scan position sees enough of the stitched image to measure its phase gradient."""
+
+
 def anchor_ramp(
     image: np.ndarray, centres_px: np.ndarray, probe_intensity: np.ndarray, measured: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -124,13 +128,21 @@ def anchor_ramp(
 
     Returns the corrected image (its mean over the finite pixels unchanged) and the gradient removed (rad/pixel,
     (row, col)).
+
+    Raises
+    ------
+    UnanchorableRamp
+        When no scan position has 90% of the probe's weight inside the stitched image.
     """
     measured = np.asarray(measured, dtype=np.float64)
     if measured.shape != np.shape(centres_px):
         raise ValueError(f"measured gradients {measured.shape} and centres {np.shape(centres_px)} differ in shape")
     gradients, valid = probe_weighted_gradients(image, centres_px, probe_intensity)
     if not valid.any():
-        raise ValueError("no scan position has the probe inside the stitched image; the ramp cannot be anchored")
+        raise UnanchorableRamp(
+            "no scan position has 90% of the probe's weight inside the stitched image (a scan too small for the "
+            "probe, or a small stitch_fraction); the ramp cannot be anchored: reconstruct with anchor_ramp=False"
+        )
     removed = gradients[valid].mean(0) - measured[valid].mean(0)
     rows, cols = np.indices(image.shape, dtype=np.float64)
     finite = np.isfinite(image)

@@ -19,16 +19,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import emdfile
 import numpy as np
 import torch
 
 from .backend import torch_device
 from .encoding import fourier_shift, remove_mask_mean
 from .images import LatticeSource
+from .io import calibrated_array
 from .poisson import poisson
 from .probe import ProbeGeometry
-from .scan import calibrated_datacube, electrons_per_pattern, scan_positions
+from .scan import calibrated_datacube, electrons_per_pattern, rotate_positions, scan_positions
 from .seeds import seed_for
+
+#: name of the ground-truth node that ``deepcdi simulate`` stores in the DataCube's tree, and of its positions
+TRUTH_NAME = "ground_truth_phase"
+TRUTH_POSITIONS_NAME = "ground_truth_positions"
 
 
 class ForwardModel:
@@ -131,7 +137,9 @@ class SimulatedDataset:
 
     Attributes: ``datacube`` (py4DSTEM DataCube, calibrated: R in Å, Q in mrad), ``phase`` (ground-truth object
     phase, rad), ``sampling`` (object pixel size, Å), ``positions`` (J, 2) probe positions in Å in the object's
-    frame (axis 0, axis 1), ``geometry``, ``electrons_per_pattern``.
+    frame (axis 0, axis 1), ``geometry``, ``electrons_per_pattern``, ``scan_step`` (Å), ``rotation_deg``;
+    ``scan_positions`` (J, 2) the probe positions in Å in the scan's frame (before the scan rotation, as a
+    measured position list is given: ``initial_scan_positions``), the raster grid plus any ``position_jitter``.
     """
 
     datacube: object
@@ -142,6 +150,43 @@ class SimulatedDataset:
     electrons_per_pattern: float
     scan_step: tuple[float, float]
     rotation_deg: float
+    scan_positions: np.ndarray | None = None
+
+    def truth_node(self, name: str = TRUTH_NAME) -> emdfile.Array:
+        """The ground truth as an emdfile ``Array`` with its own calibration, to store beside the DataCube (whose R
+        calibration is the scan step, not the object's pixel): values in rad, axes in Å of the object's frame
+        (pixel × ``sampling``, origin at pixel 0), metadata ``ground_truth`` (``sampling_A``, ``scan_step_A``,
+        ``rotation_deg``, ``electrons_per_pattern``, ``first_position_A``) and a child ``ground_truth_positions``
+        (J, 2) Å: the probe positions in the same frame (scan order). Add it with ``datacube.tree(node)``; read it
+        back with :func:`truth_from_node`."""
+        node = calibrated_array(self.phase, name, "rad", dims=[self.sampling, self.sampling], dim_units=["A", "A"],
+                                dim_names=["x", "y"])
+        node.metadata = emdfile.Metadata(name="ground_truth", data={
+            "sampling_A": float(self.sampling),
+            "scan_step_A": [float(v) for v in self.scan_step],
+            "rotation_deg": float(self.rotation_deg),
+            "electrons_per_pattern": float(self.electrons_per_pattern),
+            "first_position_A": [float(v) for v in self.positions[0]],
+        })
+        return node
+
+
+def attach_truth(datacube, ds: SimulatedDataset) -> emdfile.Array:
+    """Put the ground truth of ``ds`` (:meth:`SimulatedDataset.truth_node`) and its probe positions (Å, object frame)
+    into the tree of ``datacube`` (which must be rooted, as a py4DSTEM DataCube is); returns the truth node."""
+    node = ds.truth_node()
+    datacube.tree(node)
+    node.tree(calibrated_array(ds.positions, TRUTH_POSITIONS_NAME, "A", dim_names=["position", "axis"]))
+    return node
+
+
+def truth_from_node(node) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """(phase rad, sampling Å, positions (J, 2) Å or None) of a stored ground truth (:func:`attach_truth`), the form
+    the comparison takes as ``ground_truth``. The sampling is read from the node's own axis calibration."""
+    dim = np.asarray(node.get_dim(0), dtype=np.float64)
+    sampling = float(dim[1] - dim[0]) if len(dim) > 1 else 1.0
+    positions = node.tree(TRUTH_POSITIONS_NAME).data if TRUTH_POSITIONS_NAME in node.treekeys else None
+    return np.asarray(node.data), sampling, positions
 
 
 def simulate_dataset(
@@ -156,6 +201,7 @@ def simulate_dataset(
     noise: bool = True,
     device: str = "cpu",
     batch_size: int = 1024,
+    position_jitter: float = 0.0,
 ) -> SimulatedDataset:
     """Simulate a 4D-STEM scan over a phase object with this package's forward model.
 
@@ -184,6 +230,10 @@ def simulate_dataset(
         ``"cpu"`` or ``"gpu"``/``"cuda"``: where the patterns are computed.
     batch_size
         Patterns computed at once (bounds the memory).
+    position_jitter
+        Standard deviation (Å, default 0: a perfect raster) of a random displacement of every probe position along
+        each scan axis (Gaussian, from ``seed``): a scan whose positions are only known by measurement
+        (``SimulatedDataset.scan_positions``).
 
     Returns
     -------
@@ -194,7 +244,8 @@ def simulate_dataset(
     ------
     ValueError
         If the electrons per pattern are not positive, ``scan_shape`` is not two positive integers, the real-space
-        sampling is not square, or ``phase`` is not 2-D or too small for the scan.
+        sampling is not square, ``position_jitter`` is negative or not finite, or ``phase`` is not 2-D or too small
+        for the scan.
     """
     step = (scan_step, scan_step) if np.isscalar(scan_step) else tuple(scan_step)
     n_electrons = float(electrons) if electrons is not None else electrons_per_pattern(dose, step)
@@ -205,8 +256,13 @@ def simulate_dataset(
     sampling = geometry.sampling[0]
     if abs(geometry.sampling[1] - sampling) > 1e-9 * sampling:
         raise ValueError("simulate_dataset needs a square detector (equal real-space sampling on both axes)")
+    if not (math.isfinite(position_jitter) and position_jitter >= 0):
+        raise ValueError(f"position_jitter must be a finite number >= 0 (Å), got {position_jitter!r}")
     n0, n1 = geometry.detector_shape
-    positions_px = scan_positions(scan_shape, step, rotation_deg) / sampling
+    measured = scan_positions(scan_shape, step)
+    if position_jitter:
+        measured += np.random.default_rng(seed_for(seed, 777)).normal(0.0, position_jitter, measured.shape)
+    positions_px = rotate_positions(measured, rotation_deg) / sampling
     phase = _object_for_scan(phase, positions_px, (n0, n1), sampling, seed)
     model = ForwardModel(geometry, device)
     generator = torch.Generator(device=model.device).manual_seed(seed_for(seed, 12345)) if noise else None
@@ -220,6 +276,7 @@ def simulate_dataset(
         electrons_per_pattern=n_electrons,
         scan_step=step,
         rotation_deg=float(rotation_deg),
+        scan_positions=measured,
     )
 
 

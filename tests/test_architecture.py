@@ -17,9 +17,9 @@ LAYERS = {
     # 2: physics and data preparation
     "simulation": 2, "runtime": 2, "preprocessing": 2,
     # 3: training data, model files, the optional runtimes, the pieces of an image
-    "stream": 3, "models": 3, "runtimes": 3, "ramp": 3, "stitching": 3,
+    "stream": 3, "models": 3, "runtimes": 3, "ramp": 3, "stitching": 3, "probe_epie": 3,
     # 4: the network pass (int8 calibrated on the stream), training, scoring against ePIE and the truth
-    "inference": 4, "training": 4, "comparison": 4,
+    "inference": 4, "training": 4, "comparison": 4, "probe_overlap": 4,
     # 5-7: the user's class, what builds on it, entry points
     "reconstruction": 5, "probe_recovery": 6, "__init__": 7, "cli": 7,
 }

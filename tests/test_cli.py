@@ -51,11 +51,11 @@ def test_simulate_reconstruct_info(tmp_path, model_file, capsys):
                  "--C10", "-100", "--model", str(model_file), "--rotation", "0", "--no-transpose", "--png", str(png),
                  "--quiet", "--precision", "fp32"]) == 0
     result = read_reconstruction(out)
-    assert result["phase"].ndim == 2 and np.isfinite(result["phase"]).all()
-    assert result["metadata"]["preprocessing"]["scan_shape"] == [8, 8]
+    assert result.object_phase.ndim == 2 and np.isfinite(result.object_phase[result.coverage > 0]).all()
+    assert result.summary()["preprocessing"]["scan_shape"] == [8, 8]
     assert png.stat().st_size > 1000
     assert main(["info", str(out)]) == 0
-    assert "positions_A" in capsys.readouterr().out
+    assert "positions (64, 2)" in capsys.readouterr().out
     assert main(["info", str(model_file)]) == 0
     assert '"name": "tiny"' in capsys.readouterr().out
     core = tmp_path / "core.h5"
@@ -63,17 +63,17 @@ def test_simulate_reconstruct_info(tmp_path, model_file, capsys):
                  "--C10", "-100", "--model", str(model_file), "--rotation", "0", "--no-transpose", "--quiet",
                  "--precision", "fp32", "--stitch-fraction", "0.5", "--anchor-ramp", "--stitching", "relaxation",
                  "--relaxation-sweeps", "5", "--min-overlap", "0.3"]) == 0
-    stitching = read_reconstruction(core)["metadata"]["stitching"]
+    stitching = read_reconstruction(core).stitch_info
     assert stitching["stitch_fraction"] == 0.5
     assert (stitching["method"], stitching["min_overlap"]) == ("relaxation", 0.3)
     assert stitching["anchor_ramp"] and len(stitching["ramp_removed_rad_per_A"]) == 2
-    assert result["metadata"]["stitching"]["anchor_ramp"]  # the default
+    assert result.stitch_info["anchor_ramp"]  # the default
     kept = tmp_path / "kept.h5"
     assert main(["reconstruct", str(data), "--output", str(kept), "--energy", "300e3", "--semiangle", "17.1",
                  "--C10", "-100", "--model", str(model_file), "--rotation", "0", "--no-transpose", "--quiet",
                  "--precision", "fp32", "--no-anchor-ramp"]) == 0
-    assert not read_reconstruction(kept)["metadata"]["stitching"]["anchor_ramp"]
-    assert read_reconstruction(core)["coverage"].sum() < result["coverage"].sum()  # a smaller stitching mask
+    assert not read_reconstruction(kept).stitch_info["anchor_ramp"]
+    assert read_reconstruction(core).coverage.sum() < result.coverage.sum()  # a smaller stitching mask
 
 
 def test_reconstruct_errors_are_clear(tmp_path, model_file, capsys):
@@ -92,8 +92,6 @@ def test_reconstruct_errors_are_clear(tmp_path, model_file, capsys):
 def test_recover_probe_then_reconstruct_with_it(tmp_path, model_file, capsys):
     """`recover-probe` writes the aberrations (JSON) and a figure; `reconstruct --probe` uses them; a fixed-probe
     model is refused with the reason."""
-
-
     geometry = ProbeGeometry(300e3, 17.1, angular_sampling=2.0, aberrations={"C10": -100.0}, mask_threshold=0.1)
     ranges = AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
     conditioned = tmp_path / "cond.pt"
@@ -103,18 +101,22 @@ def test_recover_probe_then_reconstruct_with_it(tmp_path, model_file, capsys):
     assert main(["simulate", "--output", str(data), "--scan", "10", "10", "--step", "0.3"]) == 0
     common = ["--energy", "300e3", "--semiangle", "17.1", "--rotation", "0", "--no-transpose", "--quiet"]
     found = tmp_path / "probe.json"
-    assert main(["recover-probe", str(data), "--output", str(found), "--model", str(conditioned), "--pairs", "10",
-                 "--iterations", "3", "--trials", "4", "--png", str(tmp_path / "probe.png"), *common]) == 0
+    assert main(["recover-probe", str(data), "--output", str(found), "--method", "overlap", "--model", str(conditioned),
+                 "--pairs", "10", "--iterations", "3", "--trials", "4", "--png", str(tmp_path / "probe.png"),
+                 *common]) == 0
     result = json.loads(found.read_text())
     assert set(result["aberrations"]) >= {"C10", "C12", "phi12"} and len(result["history"]) == 3
     assert (tmp_path / "probe.png").stat().st_size > 1000
     out = tmp_path / "phase.h5"
     assert main(["reconstruct", str(data), "--output", str(out), "--model", str(conditioned), "--probe", str(found),
                  "--precision", "fp32", *common]) == 0
-    stored = read_reconstruction(out)["metadata"]["geometry"]["aberrations"]
-    assert stored["C10"] == pytest.approx(result["aberrations"]["C10"])
+    reopened = read_reconstruction(out)
+    assert reopened.geometry.aberrations["C10"] == pytest.approx(result["aberrations"]["C10"])
+    assert reopened.probe_source["method"] == "overlap"
+    assert reopened.probe_source["from_data"] == result["from_data"] and "C10" in result["from_data"]
     capsys.readouterr()
-    code = main(["recover-probe", str(data), "--output", str(tmp_path / "x.json"), "--model", str(model_file), *common])
+    code = main(["recover-probe", str(data), "--output", str(tmp_path / "x.json"), "--method", "overlap",
+                 "--model", str(model_file), *common])
     assert code == 2 and "needs a probe-conditioned model" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 

@@ -1,16 +1,22 @@
-"""Probe ranges, Cartesian parameters, the probe-conditioned pieces and the probe search."""
+"""Probe ranges, Cartesian parameters, the overlap search (probe-conditioned network) and the default ePIE search.
+
+The ePIE tests run the real loss (py4DSTEM's ptychography) on small simulated scans."""
 
 import dataclasses
 import inspect
+import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from py4dstem_deepcdi.cli import main
 from py4dstem_deepcdi.inference import predict
 from py4dstem_deepcdi.models import DeepCDIModel
 from py4dstem_deepcdi.network import ResUNet
 from py4dstem_deepcdi.probe import AberrationRanges, from_cartesian, to_cartesian
+from py4dstem_deepcdi.probe_epie import EPIESearchOptions, scan_blocks
 from py4dstem_deepcdi.probe_recovery import (
     OverlapLoss,
     RecoveryOptions,
@@ -23,6 +29,11 @@ from py4dstem_deepcdi.reconstruction import DeepCDIReconstruction
 from py4dstem_deepcdi.simulation import simulate_dataset
 
 RANGES = AberrationRanges(C10=(-120.0, -60.0), C12=25.0, C21=300.0, C23=300.0)
+
+
+def to_polar_names(search):
+    """The polar parameters of searched aberrations: C10 alone, the others with their angle."""
+    return [n for s in search for n in ((s,) if s == "C10" else (s, "phi" + s[1:]))]
 
 
 @pytest.fixture(scope="module")
@@ -190,22 +201,28 @@ def test_search_finds_the_minimum_of_a_known_loss(small_recon, monkeypatch):
     scale = np.array([30, 12, 12, 150, 150, 150, 150])
     monkeypatch.setattr(OverlapLoss, "__call__", lambda self, v: (np.abs((np.atleast_2d(v) - target) / scale)).sum(1))
     result = recover_probe(
-        small_recon, initial={"C10": -110.0}, n_pairs=20, n_iterations=60, n_trials=30, progress=False
+        small_recon, initial={"C10": -110.0}, n_pairs=20, n_iterations=60, n_trials=30, progress=False,
+        method="overlap",
     )
     errors = aberration_errors(result.aberrations, from_cartesian(target))
     assert abs(errors["C10"]) < 3 and errors["C12"] < 3 and errors["C21"] < 40 and errors["C23"] < 40, errors
-    assert result.loss < result.initial_loss and np.all(np.diff(result.history) <= 0)
-    assert result.trial_losses.shape == (60, 30) and result.evaluations == 1 + 60 * 30
+    assert result.loss < result.initial_loss and np.all(np.diff(result.search.history) <= 0)
+    assert result.search.trials.shape == (60, 30) and result.evaluations == 1 + 60 * 30
+    assert result.method == "overlap" and set(result.from_data) == set(to_polar_names(("C10", "C12", "C21", "C23")))
+    assert "history" in result.to_dict() and result.to_dict()["uncertainty"]["C10"] is None  # no error estimate
     fig = result.visualize()
-    assert len(fig.axes) >= 5
+    assert len(fig.axes) >= 4
     only_defocus = recover_probe(
-        small_recon, initial={"C10": -110.0}, n_iterations=5, n_trials=4, search=("C10",), progress=False
+        small_recon, initial={"C10": -110.0}, n_iterations=5, n_trials=4, search=("C10",), progress=False,
+        method="overlap",
     )
     assert only_defocus.aberrations["C12"] == 0 and only_defocus.aberrations["C21"] == 0
+    assert only_defocus.from_data == ("C10",) and "C12" in only_defocus.assumed
 
 
 def test_recovered_probe_feeds_a_reconstruction(small_recon, conditioned, geometry):
-    result = recover_probe(small_recon, initial={"C10": -90.0}, n_pairs=10, n_iterations=2, n_trials=3, progress=False)
+    result = recover_probe(small_recon, initial={"C10": -90.0}, n_pairs=10, n_iterations=2, n_trials=3, progress=False,
+                           method="overlap")
     recon = DeepCDIReconstruction(
         small_recon.datacube, geometry.energy, geometry.semiangle_cutoff, model=conditioned, rotation_deg=0.0,
         transpose=False, verbose=False, probe=result,
@@ -218,31 +235,38 @@ def test_recovered_probe_feeds_a_reconstruction(small_recon, conditioned, geomet
 
 def test_recover_probe_bad_input(small_recon, conditioned, geometry):
     fixed = DeepCDIModel(ResUNet(width=0.125).eval(), geometry, {"name": "fixed"})
+    overlap = {"method": "overlap"}
     with pytest.raises(ValueError, match="probe-conditioned model"):
-        recover_probe(small_recon.datacube, fixed, energy=300e3, semiangle_cutoff=17.1)
+        recover_probe(small_recon.datacube, fixed, energy=300e3, semiangle_cutoff=17.1, **overlap)
     with pytest.raises(ValueError, match="inverted"):
-        recover_probe(small_recon, ranges=AberrationRanges(C10=(-60.0, -120.0)))
+        recover_probe(small_recon, ranges=AberrationRanges(C10=(-60.0, -120.0)), **overlap)
     with pytest.raises(ValueError, match="leave the model's training ranges"):
-        recover_probe(small_recon, ranges=AberrationRanges(C10=(-150.0, -60.0), C12=25, C21=300, C23=300))
+        recover_probe(small_recon, ranges=AberrationRanges(C10=(-150.0, -60.0), C12=25, C21=300, C23=300), **overlap)
     with pytest.raises(ValueError, match="outside the search ranges"):
-        recover_probe(small_recon, initial={"C10": -20.0})
+        recover_probe(small_recon, initial={"C10": -20.0}, **overlap)
     with pytest.raises(ValueError, match="n_trials"):
-        recover_probe(small_recon, n_trials=0)
+        recover_probe(small_recon, n_trials=0, **overlap)
     with pytest.raises(ValueError, match="no pair"):
-        recover_probe(small_recon, pair_distance=100.0, progress=False)
+        recover_probe(small_recon, pair_distance=100.0, progress=False, **overlap)
     with pytest.raises(ValueError, match="energy"):
-        recover_probe(small_recon.datacube, conditioned)
+        recover_probe(small_recon.datacube, conditioned, **overlap)
+    with pytest.raises(ValueError, match="method must be one of"):
+        recover_probe(small_recon, method="simplex")
     with pytest.raises(ValueError, match="training ranges|was trained for probes"):
         DeepCDIReconstruction(small_recon.datacube, 300e3, 17.1, model=conditioned, C10=-10.0)
 
 
 def test_recovery_options_defaults_help_and_checks():
-    """The search keywords of recover_probe take their defaults from RecoveryOptions, each field has a help line,
-    and bad settings are refused when the options are built."""
+    """The search keywords of recover_probe take their defaults from RecoveryOptions and EPIESearchOptions (search:
+    None, the method's own default), each field has a help line, and bad settings are refused when the options are
+    built."""
     signature = inspect.signature(recover_probe)
-    for f in dataclasses.fields(RecoveryOptions):
-        assert signature.parameters[f.name].default == f.default, f.name
-        assert f.metadata["help"], f.name
+    assert signature.parameters["method"].default == "epie" and signature.parameters["search"].default is None
+    for cls in (RecoveryOptions, EPIESearchOptions):
+        for f in dataclasses.fields(cls):
+            if f.name != "search":
+                assert signature.parameters[f.name].default == f.default, f.name
+                assert f.metadata["help"], f.name
     options = RecoveryOptions(n_pairs=5.0, search=["C10"])
     assert options.n_pairs == 5 and options.search == ("C10",)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -261,9 +285,181 @@ def test_recovery_options_defaults_help_and_checks():
 def test_recover_probe_records_its_settings(small_recon):
     result = recover_probe(
         small_recon, initial={"C10": -90.0}, n_pairs=6, n_iterations=2, n_trials=2, pair_distance=0.6,
-        search=("C10",), precision="fp32", progress=False,
+        search=("C10",), precision="fp32", progress=False, method="overlap",
     )  # fmt: skip
     settings = result.settings
-    assert settings["n_pairs"] == len(result.pairs) <= 6 and settings["pair_distance_A"] == 0.6
+    assert settings["n_pairs"] == len(result.search.pairs) <= 6 and settings["pair_distance_A"] == 0.6
     assert settings["stride_steps"] == 2 and settings["search"] == ["C10"] and settings["precision"] == "fp32"
     assert settings["ranges"] == RANGES.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- method="epie"
+EPIE_TRUTH = {"C10": -90.0, "C12": 10.0, "phi12": 0.5}
+
+
+def _epie_keywords(geometry, **extra):
+    """The calibration keywords of a simulated scan (its rotation is 0, not transposed)."""
+    return {"energy": geometry.energy, "semiangle_cutoff": geometry.semiangle_cutoff, "rotation_deg": 0.0,
+            "transpose": False, "rolloff": geometry.rolloff, "progress": False, **extra}
+
+
+@pytest.fixture(scope="module")
+def epie_scan(geometry):
+    """A 16×16 scan at 0.5 Å with a known probe (C10 −90 Å, C12 10 Å)."""
+    return simulate_dataset(geometry.replace(aberrations=EPIE_TRUTH), scan_shape=(16, 16), scan_step=0.5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def epie_result(epie_scan, geometry):
+    """The search from 25 Å off in defocus and no astigmatism (15 ePIE passes: a block this small needs more than
+    the default to come within 3 Å, docs/probe_recovery.md)."""
+    return recover_probe(
+        epie_scan.datacube, initial={"C10": -65.0}, **_epie_keywords(geometry, block=16, epie_iterations=15)
+    )
+
+
+def test_epie_recovers_a_known_probe(epie_result):
+    """The real ePIE data error, minimised from 25 Å off, finds C10 and C12 within 3 Å; coma and threefold stay as
+    given, and the result says so."""
+    errors = aberration_errors(epie_result.aberrations, EPIE_TRUTH)
+    assert abs(errors["C10"]) < 3 and errors["C12"] < 3, (epie_result.aberrations, errors)
+    assert epie_result.loss < epie_result.initial_loss
+    assert epie_result.method == "epie" and epie_result.from_data == ("C10", "C12", "phi12")
+    assert epie_result.assumed == ("C21", "phi21", "C23", "phi23") and epie_result.aberrations["C21"] == 0
+    assert set(epie_result.uncertainty) == set(epie_result.from_data)
+    assert all(np.isfinite(v) and v >= 0 for v in epie_result.uncertainty.values())
+    search = epie_result.search
+    assert search.blocks.shape == (4, 4) and tuple(search.main_block) == (0, 16, 0, 16)
+    assert epie_result.evaluations == len(search.vectors) >= 15
+
+
+def test_epie_result_feeds_a_reconstruction_and_a_file(epie_result, epie_scan, conditioned, geometry, tmp_path):
+    """DeepCDIReconstruction(probe=result) takes the recovered aberrations; to_dict is what `reconstruct --probe`
+    reads, with what came from the data and the error estimates."""
+    recon = DeepCDIReconstruction(
+        epie_scan.datacube, geometry.energy, geometry.semiangle_cutoff, model=conditioned, rotation_deg=0.0,
+        transpose=False, verbose=False, probe=epie_result,
+    )  # fmt: skip
+    assert recon.probe_geometry.aberrations == pytest.approx(epie_result.aberrations)
+    assert recon.probe_source["method"] == "epie" and recon.probe_source["from_data"] == ["C10", "C12", "phi12"]
+    assert set(recon.probe_source["uncertainty"]) == {"C10", "C12", "phi12"}
+    summary = json.loads(json.dumps(epie_result.to_dict()))
+    assert summary["aberrations"] == pytest.approx(epie_result.aberrations) and summary["method"] == "epie"
+    assert summary["from_data"] == ["C10", "C12", "phi12"] and "C21" in summary["assumed"]
+    assert set(summary["uncertainty"]) == {"C10", "C12", "phi12"} and summary["warnings"] == []
+    assert "C10=" in repr(epie_result) and "assumed C21" in repr(epie_result)
+    assert len(epie_result.visualize(path=tmp_path / "probe.png").axes) >= 4 and (tmp_path / "probe.png").is_file()
+
+
+def test_epie_from_a_reconstruction_and_its_vacuum(epie_scan, conditioned, geometry):
+    """A reconstruction brings its data, calibration and aberrations (the start); a vacuum pattern on the data's
+    detector (here the simulation's own aperture) is the aperture."""
+    recon = DeepCDIReconstruction(
+        epie_scan.datacube, geometry.energy, geometry.semiangle_cutoff, model=conditioned, rotation_deg=0.0,
+        transpose=False, verbose=False, C10=-110.0, vacuum_probe_intensity=np.abs(geometry.probe_fourier) ** 2,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="no error estimate"):
+        result = recover_probe(recon, block=16, n_blocks=1, radii=(5.0,), epie_iterations=2, progress=False)
+    assert result.initial["C10"] == -110.0 and result.settings["vacuum_probe"]
+    assert result.settings["rotation_deg"] == 0.0 and result.settings["scan_step_A"] == pytest.approx(0.5)
+    assert not np.isfinite(result.uncertainty["C10"])  # one block: no error estimate, and a warning says so
+    assert any("C10 is ill-conditioned" in m for m in result.warnings)
+
+
+def test_epie_warns_about_coma_at_a_small_semiangle(geometry):
+    """Coma at 17 mrad changes the edge phase by ~5e-4 rad per Å: its estimate is flagged as ill-conditioned."""
+    ds = simulate_dataset(geometry, scan_shape=(12, 12), scan_step=0.3, seed=4)
+    with pytest.warns(UserWarning, match="C21 is ill-conditioned.*rad at the aperture edge"):
+        result = recover_probe(
+            ds.datacube, initial=geometry.aberrations, search=("C10", "C21"), radii=(5.0,), epie_iterations=2,
+            **_epie_keywords(geometry, block=12),
+        )  # fmt: skip
+    assert result.from_data == ("C10", "C21", "phi21") and any("C21" in m for m in result.warnings)
+
+
+def test_scan_blocks():
+    main, subs = scan_blocks((100, 60), 40, 4)
+    assert tuple(main) == (30, 70, 10, 50)
+    assert subs.tolist() == [[30, 50, 10, 30], [30, 50, 30, 50], [50, 70, 10, 30], [50, 70, 30, 50]]
+    main, subs = scan_blocks((12, 30), 40, 1)
+    assert tuple(main) == (0, 12, 0, 30) and len(subs) == 0
+    assert scan_blocks((10, 10), 40, 4)[1].tolist() == [[0, 5, 0, 5], [0, 5, 5, 10], [5, 10, 0, 5], [5, 10, 5, 10]]
+    assert scan_blocks((8, 8), 40, 9)[1].shape == (0, 4)  # sub-blocks of 4 or 2 positions: no error estimate
+
+
+def test_epie_refuses_bad_input(geometry, epie_scan):
+    """No overlap, too few positions, ranges or a start that do not fit the window, and missing inputs are refused
+    with the reason, before any search."""
+    flat = np.ones((8, 8, 32, 32), dtype=np.float32)
+    kw = _epie_keywords(geometry, scan_step=0.3, angular_sampling=2.0)
+    start = {"C10": -90.0}
+    with pytest.raises(ValueError, match="no overlap"):
+        recover_probe(flat, initial=start, **{**kw, "scan_step": 5.0})
+    with pytest.raises(ValueError, match="too few"):
+        recover_probe(flat[:4, :4], initial=start, **kw)
+    with pytest.raises(ValueError, match="too wide for this geometry"):
+        recover_probe(flat, initial=start, ranges=AberrationRanges(), **kw)
+    with pytest.raises(ValueError, match="undersampled"):
+        recover_probe(flat, initial={"C10": -400.0}, **kw)
+    with pytest.raises(ValueError, match="outside the search ranges"):
+        recover_probe(flat, initial=start, ranges=AberrationRanges(C10=(-80.0, -60.0)), **kw)
+    with pytest.raises(ValueError, match="initial aberrations"):
+        recover_probe(flat, **kw)
+    with pytest.raises(ValueError, match="energy"):
+        recover_probe(flat, initial=start, semiangle_cutoff=17.1, scan_step=0.3, angular_sampling=2.0)
+    with pytest.raises(ValueError, match="vacuum_probe_intensity has shape"):
+        recover_probe(flat, initial=start, vacuum_probe_intensity=np.ones((16, 16)), **kw)
+    with pytest.raises(ValueError, match="square scan step"):
+        recover_probe(flat, initial=start, **{**kw, "scan_step": (0.3, 0.4)})
+    with pytest.raises(TypeError, match="unknown keywords"):
+        recover_probe(flat, initial=start, model_name="x", **kw)
+    with pytest.raises(TypeError, match="no data keywords"):
+        recover_probe(
+            DeepCDIReconstruction(epie_scan.datacube, 300e3, 17.1, verbose=False, C10=-100.0), energy=300e3
+        )
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"block": 3}, "block"), ({"n_blocks": 0}, "n_blocks"), ({"epie_iterations": 0}, "epie_iterations"),
+     ({"radii": (5.0, 20.0)}, "radii"), ({"radii": ()}, "radii"), ({"tolerance": 0.0}, "tolerance"),
+     ({"detector_angle": 0.5}, "detector_angle"), ({"search": ("C30",)}, "search names")],
+)  # fmt: skip
+def test_epie_options_refuse_bad_settings(bad, match):
+    with pytest.raises(ValueError, match=match):
+        EPIESearchOptions(**bad)
+
+
+@pytest.mark.slow
+def test_epie_recovers_the_bench_probe_within_3_angstrom(geometry):
+    """The benchmark's case (40×40 scan at 0.25 Å, random coma and threefold up to 300 Å), 30 Å off."""
+    truth = from_cartesian(RANGES.sample(1, np.random.default_rng(1002))[0])
+    ds = simulate_dataset(geometry.replace(aberrations=truth), scan_shape=(40, 40), scan_step=0.25, seed=2)
+    result = recover_probe(ds.datacube, initial={"C10": truth["C10"] + 30}, **_epie_keywords(geometry))
+    errors = aberration_errors(result.aberrations, truth)
+    assert abs(errors["C10"]) < 3 and errors["C12"] < 3, errors
+
+
+def test_cli_recover_probe_by_epie_then_reconstruct(tmp_path, capsys):
+    """`deepcdi recover-probe` (default --method epie; start and aperture from the shipped model, --C10 overriding)
+    writes what came from the data; `reconstruct --probe` uses it; `--method overlap` needs a conditioned model."""
+    data, found, common = tmp_path / "data.h5", tmp_path / "probe.json", ["--energy", "300e3", "--semiangle", "17.1",
+                                                                       "--rotation", "0", "--no-transpose", "--quiet"]
+    assert main(["simulate", "--output", str(data), "--scan", "16", "16", "--step", "0.4"]) == 0
+    assert main(["recover-probe", str(data), "--output", str(found), "--C10", "-75", "--block", "16", *common]) == 0
+    result = json.loads(found.read_text())
+    assert abs(result["aberrations"]["C10"] + 100) < 3 and result["aberrations"]["C12"] < 3, result["aberrations"]
+    assert result["method"] == "epie" and result["from_data"] == ["C10", "C12", "phi12"]
+    assert result["uncertainty"]["C10"] > 0 and result["initial"]["C10"] == -75
+    assert main(["reconstruct", str(data), "--output", str(tmp_path / "phase.h5"), "--probe", str(found), *common]) == 0
+    capsys.readouterr()
+    code = main(["recover-probe", str(data), "--output", str(tmp_path / "x.json"), "--method", "overlap", *common])
+    assert code == 2 and "needs a probe-conditioned model" in capsys.readouterr().err
+
+
+def test_epie_names_the_aperture_when_the_search_runs_away(epie_scan, geometry):
+    """With a sharp aperture model for data taken with a 2 mrad roll-off, the data error keeps falling towards larger
+    probes; the search is stopped where the probe leaves the window, and the message names the aperture."""
+    with pytest.raises(ValueError, match="aperture model matches the data"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recover_probe(epie_scan.datacube, initial={"C10": -65.0}, **_epie_keywords(geometry, block=16, rolloff=0.0))

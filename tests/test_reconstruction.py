@@ -60,14 +60,15 @@ def test_save_and_read_back(tmp_path, dataset, tiny_model):
     recon = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32")
     path = recon.save(tmp_path / "phase.h5")
     back = read_reconstruction(path)
-    np.testing.assert_allclose(back["phase"], np.nan_to_num(recon.object_phase), atol=1e-6)
-    np.testing.assert_allclose(back["positions_A"], recon.positions)
-    assert back["sampling"] == pytest.approx(recon.sampling)
-    assert back["metadata"]["geometry"]["energy_eV"] == 300e3
-    assert back["metadata"]["model"]["name"] == "tiny"
-    # py4DSTEM reads it too
+    assert isinstance(back, DeepCDIReconstruction) and back.datacube is None
+    np.testing.assert_allclose(back.object_phase, recon.object_phase, atol=1e-6)  # NaN where uncovered, both
+    np.testing.assert_allclose(back.positions, recon.positions)
+    assert back.sampling == pytest.approx(recon.sampling)
+    summary = back.summary()
+    assert summary["geometry"]["energy_eV"] == 300e3 and summary["model"]["name"] == "tiny"
+    # py4DSTEM reads it too, as the same class
     root = py4DSTEM.read(str(path))
-    assert root.data.shape == recon.object_phase.shape
+    assert isinstance(root, DeepCDIReconstruction) and root.object_phase.shape == recon.object_phase.shape
     with pytest.raises(FileExistsError):
         recon.save(path)
     recon.save(path, overwrite=True)
@@ -177,6 +178,17 @@ def test_ramp_is_anchored_to_the_centres_of_mass(dataset, tiny_model):
     np.testing.assert_allclose(removed, recon.stitch_info["ramp_removed_rad_per_A"], rtol=1e-4, atol=1e-7)
 
 
+def test_scan_too_small_to_anchor_warns_and_keeps_the_stitched_image(geometry, tiny_model):
+    """A 3×3 scan at 0.3 Å leaves no probe inside the stitched image: the default anchoring is skipped with a
+    warning, not an error after the network pass."""
+    small = simulate_dataset(geometry, scan_shape=(3, 3), scan_step=0.3, electrons=1e5, seed=1)
+    with pytest.warns(RuntimeWarning, match="phase ramp not anchored"):
+        recon = make(small, tiny_model).preprocess().reconstruct(precision="fp32")
+    plain = make(small, tiny_model).preprocess().reconstruct(precision="fp32", anchor_ramp=False)
+    assert not recon.stitch_info["anchor_ramp"] and recon.stitch_info["ramp_removed_rad_per_A"] is None
+    np.testing.assert_array_equal(recon.object_phase, plain.object_phase)
+
+
 def test_vacuum_probe_on_the_data_detector_is_checked_against_the_model(dataset, geometry):
     """A vacuum pattern on the data's own (finer) detector is resampled and compared with the model's aperture."""
 
@@ -247,7 +259,7 @@ def test_plot_rotation_and_the_options(tmp_path, dataset, tiny_model):
     assert recon.preprocess(normalise="dataset").options["normalise"] == "dataset"
     with pytest.raises(ValueError, match="normalise must be one of"):
         recon.preprocess(normalise="each")
-    metadata = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32").metadata()["preprocessing"]
+    metadata = make(dataset, tiny_model).preprocess().reconstruct(precision="fp32").summary()["preprocessing"]
     assert metadata["normalise"] == "pattern" and metadata["report"]["rotation"]["source"] == "given"
 
 

@@ -15,7 +15,7 @@ from scipy.ndimage import map_coordinates
 from scipy.spatial import Delaunay, QhullError
 
 from ..frc import register_images
-from .inputs import ReconstructionLike, full_scan_shape, subsample_of
+from .inputs import ReconstructionLike, full_scan_shape, subsample_of, used_positions_mask
 
 #: smallest common field of view (pixels per side) worth comparing
 MIN_FOV_PX = 8
@@ -180,6 +180,25 @@ def _truth_parts(ground_truth):
     return phase, sampling, positions
 
 
+def _used_truth_positions(positions: np.ndarray, recon: ReconstructionLike) -> np.ndarray:
+    """The truth's positions of the whole scan (J, 2) reduced to those the reconstruction used (subsampled, masked).
+
+    Raises ``ValueError`` when they do not describe the reconstruction's scan.
+    """
+    full = full_scan_shape(recon)
+    s = subsample_of(recon)
+    if positions.shape == (full[0] * full[1], 2):
+        positions = positions.reshape(*full, 2)[::s, ::s].reshape(-1, 2)
+        mask = used_positions_mask(recon)
+        positions = positions if mask is None else positions[mask.ravel()]
+    if len(positions) != len(recon.positions):
+        raise ValueError(
+            f"the ground truth has {len(positions)} positions but the reconstruction {len(recon.positions)}; give the "
+            "positions of the same scan (or a (2,) offset in Å)"
+        )
+    return positions
+
+
 def truth_frame(ground_truth, recon: ReconstructionLike) -> TruthFrame | None:
     """The ground truth on the reconstruction's frame (None for None).
 
@@ -202,14 +221,7 @@ def truth_frame(ground_truth, recon: ReconstructionLike) -> TruthFrame | None:
         return TruthFrame(phase, sampling, positions)
     mine = recon.positions
     if len(positions) != len(mine):
-        full = full_scan_shape(recon)
-        s = subsample_of(recon)
-        if not (s > 1 and positions.shape == (full[0] * full[1], 2)):
-            raise ValueError(
-                f"the ground truth has {len(positions)} positions but the reconstruction {len(mine)}; give the "
-                "positions of the same scan (or a (2,) offset in Å)"
-            )
-        positions = positions.reshape(*full, 2)[::s, ::s].reshape(-1, 2)
+        positions = _used_truth_positions(positions, recon)
     difference = positions - mine
     delta = difference.mean(0)
     residual = float(np.abs(difference - delta).max())

@@ -262,4 +262,5 @@ def compare_with_epie(
         epie=epie,
         remove_ramp=bool(remove_ramp),
         scan_step=_pair(recon.data.scan_step),
+        reconstruction=recon,
     )

@@ -26,7 +26,7 @@ from ..preprocessing import datacube_array, detector_sampling, real_space_step
 from ..probe import vacuum_pattern
 from ..scan import calibrated_datacube, scan_positions
 from ._json import jsonable, plain
-from .inputs import is_reconstruction, reconstruction_vacuum, scan_patterns, subsample_of
+from .inputs import is_reconstruction, reconstruction_scan, reconstruction_vacuum, scan_patterns, subsample_of
 
 #: normalised ePIE error (py4DSTEM's: squared amplitude error over the mean pattern intensity) above which the
 #: reconstruction has diverged: a sane one stays below ~1 (4 is the bound for any pair of equal-norm amplitudes)
@@ -131,6 +131,9 @@ class EPIEResult:
         Complex object after every iteration (``store_iterations=True``), else None.
     parameters
         Everything else passed to py4DSTEM (JSON-able).
+    ptychography
+        py4DSTEM's ``SingleslicePtychography`` object itself (``.object``, ``.probe``, ``.error``, ``visualize()``,
+        written into a comparison file and reopened by ``py4DSTEM.read``).
     """
 
     phase: np.ndarray
@@ -151,6 +154,7 @@ class EPIEResult:
     diverged: bool = False
     object_iterations: list[np.ndarray] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    ptychography: Any = field(default=None, repr=False)
 
     def to_pixels(self, points_A: np.ndarray) -> np.ndarray:
         """Object-pixel coordinates of points (..., 2) given in Å (detector frame, the frame of ``positions_A``)."""
@@ -197,7 +201,8 @@ class EPIEResult:
 class _EPIEData:
     """What ePIE runs on, resolved: raw patterns (Rx, Ry, Qx, Qy) counts, geometry, scan step (Å), detector pixel
     (mrad), scan rotation (deg) and transpose (None: py4DSTEM estimates them), explicit positions (J, 2) Å or None,
-    vacuum pattern or None, and the subsampling applied to the caller's scan."""
+    vacuum pattern or None, the subsampling applied to the caller's scan, and the positions mask (Rx, Ry) or None
+    (then J is its count)."""
 
     patterns: np.ndarray
     geometry: Any
@@ -208,6 +213,7 @@ class _EPIEData:
     positions: np.ndarray | None
     vacuum: np.ndarray | None
     subsample: int
+    positions_mask: np.ndarray | None = None
 
     @property
     def scan_shape(self) -> tuple[int, int]:
@@ -242,20 +248,28 @@ def _from_datacube(data, geometry, scan_step, angular_sampling, rotation_deg, tr
 
 
 def _resolve_data(data, geometry, *, positions, rotation_deg, transpose, scan_step, angular_sampling,
-                  vacuum_probe_intensity) -> _EPIEData:
-    """The run's inputs from a reconstruction (its settings fill what the caller leaves None) or a datacube."""
+                  vacuum_probe_intensity, positions_mask=None) -> _EPIEData:
+    """The run's inputs from a reconstruction (its settings, measured positions and positions mask fill what the
+    caller leaves None) or a datacube."""
     resolve = _from_reconstruction if is_reconstruction(data) else _from_datacube
     patterns, geometry, step, angular, rotation_deg, transpose, vacuum_probe_intensity, subsample = resolve(
         data, geometry, scan_step, angular_sampling, rotation_deg, transpose, vacuum_probe_intensity
     )
+    if is_reconstruction(data) and positions is None and positions_mask is None:
+        positions, positions_mask = reconstruction_scan(data)
     scan_shape = tuple(patterns.shape[:2])
+    if positions_mask is not None:
+        positions_mask = np.asarray(positions_mask, dtype=bool)
+        if positions_mask.shape != scan_shape:
+            raise ValueError(f"positions_mask must have the scan's shape {scan_shape}, got {positions_mask.shape}")
     if positions is None and abs(step[0] - step[1]) > 1e-9 * step[0]:
         if rotation_deg is None or transpose is None:
             raise ValueError("a non-square scan step needs rotation_deg and transpose (or explicit positions)")
         positions = scan_positions(scan_shape, step, float(rotation_deg), bool(transpose))
+        positions = positions if positions_mask is None else positions[positions_mask.ravel()]
     if positions is not None:
         positions = np.asarray(positions, dtype=np.float64)
-        expected = (scan_shape[0] * scan_shape[1], 2)
+        expected = (scan_shape[0] * scan_shape[1] if positions_mask is None else int(positions_mask.sum()), 2)
         if positions.shape != expected:
             raise ValueError(f"positions must have shape {expected} (Å), got {positions.shape}")
     vacuum = None
@@ -268,7 +282,7 @@ def _resolve_data(data, geometry, *, positions, rotation_deg, transpose, scan_st
                 "the data"
             )
     return _EPIEData(patterns, geometry, (float(step[0]), float(step[1])), float(angular), rotation_deg, transpose,
-                     positions, vacuum, subsample)
+                     positions, vacuum, subsample, positions_mask)
 
 
 def _private_datacube(d: _EPIEData, preprocess_kwargs: dict[str, Any]) -> py4DSTEM.DataCube:
@@ -304,6 +318,7 @@ def _preprocessed_ptychography(d: _EPIEData, options: EPIEOptions):
         "vacuum_probe_intensity": d.vacuum,
         "polar_parameters": dict(d.geometry.aberrations),  # py4DSTEM mutates the dict it is given
         "initial_scan_positions": d.positions,
+        "positions_mask": d.positions_mask,
         "object_type": "complex",
         "device": options.device,
         "verbose": False,
@@ -353,6 +368,8 @@ def _scan_frame(ptycho, d: _EPIEData) -> tuple[np.ndarray, np.ndarray, float, bo
     else:
         rotation, transpose = _py4dstem_scan_rotation(ptycho)
         positions_A = scan_positions(d.scan_shape, d.step, rotation, transpose)
+        if d.positions_mask is not None:  # py4DSTEM masks the raster grid (and rotates the kept positions)
+            positions_A = positions_A[d.positions_mask.ravel()]
     origin = (positions_px - positions_A / sampling).mean(0)
     residual = float(np.abs(positions_px - positions_A / sampling - origin).max())
     if residual > POSITION_TOLERANCE_PX:
@@ -418,6 +435,7 @@ def _parameters(d: _EPIEData, options: EPIEOptions) -> dict[str, Any]:
         "angular_sampling_mrad": d.angular,
         "subsample": d.subsample,
         "explicit_positions": d.positions is not None,
+        "positions_mask": d.positions_mask is not None,
         "device": options.device,
         "seed": int(options.seed),
         "reconstruct_kwargs": {k: v for k, v in options.reconstruct_kwargs.items() if jsonable(v)},
@@ -437,6 +455,7 @@ def run_epie(
     scan_step: float | tuple[float, float] | None = None,
     angular_sampling: float | None = None,
     vacuum_probe_intensity=None,
+    positions_mask: np.ndarray | None = None,
     **settings: Any,
 ) -> EPIEResult:
     """Reconstruct with py4DSTEM's ePIE (``SingleslicePtychography``, ``"GD"``, ``max_batch_size=1``).
@@ -453,8 +472,9 @@ def run_epie(
     options
         :class:`EPIEOptions` (iterations, step size, fixed probe, seed, device, ...); default ``EPIEOptions()``.
     positions
-        (J, 2) probe positions (Å, detector frame); default the raster scan from the scan step, rotated and
-        transposed by py4DSTEM itself (``force_com_rotation``/``force_com_transpose``).
+        (J, 2) probe positions (Å, detector frame); default a reconstruction's measured or masked positions, else
+        the raster scan from the scan step, rotated and transposed by py4DSTEM itself
+        (``force_com_rotation``/``force_com_transpose``).
     rotation_deg, transpose
         Scan rotation (deg) and transpose (py4DSTEM's convention); default the reconstruction's, and for a bare
         datacube py4DSTEM's centre-of-mass estimate when None.
@@ -465,6 +485,9 @@ def run_epie(
     vacuum_probe_intensity
         Measured vacuum pattern (array/DataCube, the data's detector shape) defining the aperture; default the
         reconstruction's (or its model's, if it has the data's detector shape).
+    positions_mask
+        (Rx, Ry) bool: use only the patterns where True (py4DSTEM's ``positions_mask``; ``positions`` then holds
+        the kept positions); default a reconstruction's.
     **settings
         Fields of :class:`EPIEOptions` that replace those of ``options``: ``num_iter`` (50), ``step_size`` (0.5),
         ``fix_probe`` (True), ``seed`` (0), ``device`` ("cpu"), ``progress`` (True), ``store_iterations`` (False),
@@ -486,6 +509,7 @@ def run_epie(
     d = _resolve_data(
         data, geometry, positions=positions, rotation_deg=rotation_deg, transpose=transpose, scan_step=scan_step,
         angular_sampling=angular_sampling, vacuum_probe_intensity=vacuum_probe_intensity,
+        positions_mask=positions_mask,
     )
     ptycho, preprocess_s = _preprocessed_ptychography(d, options)
     positions_A, origin, used_rotation, used_transpose = _scan_frame(ptycho, d)
@@ -519,4 +543,5 @@ def run_epie(
         diverged=diverged,
         object_iterations=iterations,
         parameters=_parameters(d, options),
+        ptychography=ptycho,
     )

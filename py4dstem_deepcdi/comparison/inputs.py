@@ -21,7 +21,8 @@ class ReconstructionLike(Protocol):
     data's ``ProbeGeometry``; ``model`` the ``DeepCDIModel``; ``device``, ``verbose``; ``vacuum_probe_intensity``
     (or None); ``options`` the preprocessing options (dict); ``object_phase`` (rad) and ``coverage`` on the canvas
     (None before ``reconstruct()``); ``positions`` (J, 2) Å and ``positions_px`` (J, 2) canvas pixels; ``sampling``
-    (Å per canvas pixel); ``timings`` (s); ``preprocess()``.
+    (Å per canvas pixel); ``timings`` (s); ``preprocess()``; optionally ``initial_scan_positions`` (measured
+    positions, or None) and ``positions_mask`` ((Rx, Ry) bool, or None), which ePIE and the truth then follow.
     """
 
     datacube: Any
@@ -63,6 +64,26 @@ def scan_patterns(recon: ReconstructionLike) -> np.ndarray:
     raw = datacube_array(recon.datacube)
     s = subsample_of(recon)
     return raw[::s, ::s] if s > 1 else raw
+
+
+def used_positions_mask(recon: ReconstructionLike) -> np.ndarray | None:
+    """The reconstruction's ``positions_mask`` (Rx, Ry) subsampled as in its options (the positions it used), or
+    None when it used every position."""
+    mask = getattr(recon, "positions_mask", None)
+    if mask is None:
+        return None
+    s = subsample_of(recon)
+    return np.asarray(mask, dtype=bool)[::s, ::s]
+
+
+def reconstruction_scan(recon: ReconstructionLike) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(positions (J, 2) Å in the detector frame, positions mask of the subsampled scan) that another method must
+    use to see the reconstruction's scan: both None for a raster scan of every position, else its own positions
+    (measured, or the kept ones) and its mask (or None)."""
+    mask = used_positions_mask(recon)
+    if getattr(recon, "initial_scan_positions", None) is None and mask is None:
+        return None, None
+    return np.asarray(recon.positions, dtype=np.float64), mask
 
 
 def reconstruction_vacuum(recon: ReconstructionLike, detector_shape: tuple[int, int]) -> np.ndarray | None:

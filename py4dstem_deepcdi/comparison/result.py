@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from emdfile import Array, Node
 
-from ..io import read_result, save_figure, save_result
+from ..io import calibrated_array, read_result_nodes, save_figure, save_result
 from ._json import plain
 from .epie import EPIEResult
 from .figure import comparison_figure
@@ -17,6 +18,10 @@ from .metrics import format_resolution
 
 #: the ``kind`` stored in a comparison file's metadata
 KIND = "py4dstem-deepcdi comparison"
+#: names of the objects written beside the images in a comparison file
+RECONSTRUCTION_NODE = "reconstruction"
+ROOT_NAME = "deepcdi_comparison"
+EPIE_NODE = "epie"
 
 
 #: ePIE counts as converged at the first iteration within this correlation (with the truth) of its best
@@ -78,6 +83,8 @@ class Comparison:
         Whether a linear ramp was removed from every image.
     scan_step
         Scan step (Å) of the ADF image's pixels (after subsampling); default (1, 1).
+    reconstruction
+        The deep-CDI reconstruction compared (written into the file beside py4DSTEM's ePIE object), or None.
     figure
         The last figure drawn by :meth:`visualize` (None before).
     """
@@ -99,6 +106,7 @@ class Comparison:
     epie: EPIEResult
     remove_ramp: bool
     scan_step: tuple[float, float] = (1.0, 1.0)
+    reconstruction: Any = None
     figure: Any = None
 
     @property
@@ -204,31 +212,50 @@ class Comparison:
             save_figure(fig, path, dpi=150)
         return fig
 
-    def _arrays(self) -> dict[str, np.ndarray]:
-        """The child arrays of the file, by name."""
-        arrays: dict[str, np.ndarray] = {
-            "epie_phase_rad": self.epie_phase,
-            "frc_q_per_A": np.asarray(self.frc["q"]),
-            "frc": np.asarray(self.frc["frc"]),
-            "frc_half_bit": np.asarray(self.frc["half_bit"]),
-            "epie_error": np.asarray(self.epie.error_history),
+    def _arrays(self) -> dict[str, Any]:
+        """The child arrays of the file, by name: images (rad, axes in Å), FRC curves (with their frequency axis
+        ``q`` in Å⁻¹), ePIE's error and correlation per iteration, the ADF image."""
+        sampling = list(self.sampling)
+        image = {"units": "rad", "dims": sampling, "dim_units": ["A", "A"], "dim_names": ["x", "y"]}
+        arrays: dict[str, Any] = {
+            "epie_phase_rad": calibrated_array(self.epie_phase, "epie_phase_rad", **image),
+            "frc": _frc_array("frc", self.frc["q"], self.frc["frc"]),
+            "frc_half_bit": _frc_array("frc_half_bit", self.frc["q"], self.frc["half_bit"]),
+            "epie_error": calibrated_array(self.epie.error_history, "epie_error", dim_names=["iteration"]),
         }
         if self.truth_phase is not None:
-            arrays["truth_phase_rad"] = self.truth_phase
+            arrays["truth_phase_rad"] = calibrated_array(self.truth_phase, "truth_phase_rad", **image)
             for method in ("deep_cdi", "epie"):
                 f = self.vs_truth[method]["frc"]
-                arrays[f"frc_truth_{method}_q_per_A"] = np.asarray(f["q"])
-                arrays[f"frc_truth_{method}"] = np.asarray(f["frc"])
+                arrays[f"frc_truth_{method}"] = _frc_array(f"frc_truth_{method}", f["q"], f["frc"])
         if self.epie_truth_correlation is not None:
             arrays["epie_truth_correlation"] = np.asarray(self.epie_truth_correlation)
         if self.adf is not None:
-            arrays["adf"] = self.adf
+            step = list(self.scan_step)
+            arrays["adf"] = calibrated_array(self.adf, "adf", "counts", dims=step, dim_units=["A", "A"],
+                                             dim_names=["Rx", "Ry"])
         return arrays
 
+    def _nodes(self) -> dict[str, Any]:
+        """The objects written beside the images: the deep-CDI reconstruction and py4DSTEM's ptychography object."""
+        nodes = {}
+        if isinstance(self.reconstruction, Node):
+            nodes[RECONSTRUCTION_NODE] = self.reconstruction
+        ptychography = getattr(self.epie, "ptychography", None)
+        if isinstance(ptychography, Node):
+            if hasattr(ptychography, "set_save_defaults"):  # the object, not every iteration's (the file's size)
+                ptychography.set_save_defaults(save_datacube=False, save_exit_waves=False, save_iterations=False)
+            nodes[EPIE_NODE] = ptychography
+        return nodes
+
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write an EMD 1.0 file: the deep-CDI phase (root image, rad), the ePIE/truth images, FRC curves, ADF and
-        ePIE error history as child arrays, every number and timing as metadata. Atomic; an existing file is kept
-        unless ``overwrite`` (``FileExistsError``). Read it back with :func:`read_comparison`."""
+        """Write an EMD 1.0 file: the deep-CDI phase (image ``deepcdi_phase``: rad, pixels of ``sampling`` Å), the
+        ePIE/truth images, FRC curves (each with its frequency axis in Å⁻¹), ADF and ePIE error history as its child
+        arrays, every number and timing as metadata; beside it the deep-CDI reconstruction (``reconstruction``) and
+        py4DSTEM's ``SingleslicePtychography`` (``epie``), which ``py4DSTEM.read(path,
+        datapath="deepcdi_comparison/epie")`` or
+        :func:`read_comparison` reopen as objects. Atomic; an existing file is kept unless ``overwrite``
+        (``FileExistsError``)."""
         metadata = {
             "kind": KIND,
             "summary": self.summary(),
@@ -237,23 +264,40 @@ class Comparison:
             "scan_step_A": list(self.scan_step),
             "epie_parameters": self.epie.parameters,
         }
-        return save_result(path, self.deep_phase, metadata, self._arrays(), overwrite=overwrite)
+        return save_result(path, self.deep_phase, metadata, self._arrays(), overwrite=overwrite,
+                           sampling=self.sampling, nodes=self._nodes(), root_name=ROOT_NAME)
+
+
+def _frc_array(name: str, q, values) -> Array:
+    """An FRC curve as an emdfile Array whose axis is its spatial frequency ``q`` (Å⁻¹)."""
+    return calibrated_array(np.asarray(values, dtype=np.float64), name, dims=[np.asarray(q, dtype=np.float64)],
+                            dim_units=["A^-1"], dim_names=["q"])
 
 
 def read_comparison(path: str | Path) -> dict[str, Any]:
     """Read a file written by :meth:`Comparison.save`: ``deep_phase`` (rad), ``sampling`` (Å), ``summary``,
-    ``metadata`` and every stored array by name.
+    ``metadata``, every stored array by name (FRC curves also with their frequency axis ``NAME_q_per_A``, Å⁻¹) and,
+    when stored, ``reconstruction`` (a ``DeepCDIReconstruction``) and ``epie`` (py4DSTEM's
+    ``SingleslicePtychography``).
 
     Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is not a comparison.
     """
-    phase, metadata, arrays = read_result(path)
+    try:
+        image, metadata, children, beside = read_result_nodes(path)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a comparison: {exc}") from exc
     if metadata.get("kind") != KIND:
         raise ValueError(f"{path} holds a py4dstem-deepcdi result of kind {metadata.get('kind')!r}, not a comparison")
+    arrays = {name: node.data for name, node in children.items()}
+    for name, node in children.items():
+        if name.startswith("frc") and not name.endswith("_q_per_A") and node.data.ndim == 1:
+            arrays.setdefault(f"{name}_q_per_A", np.asarray(node.get_dim(0)))
     summary = metadata["summary"]
     return {
-        "deep_phase": phase,
+        "deep_phase": image.data,
         "sampling": tuple(summary["sampling_A"]),
         "summary": summary,
         "metadata": metadata,
         **arrays,
+        **beside,
     }

@@ -14,6 +14,9 @@ from .options import StitchOptions, resolve_options
 from .place import accumulate, default_canvas_shape, default_origin
 from .solve import OffsetSolution, solve_masked
 
+#: the most pixels a stitched canvas may have (each float64 canvas array then takes 2 GiB)
+MAX_CANVAS_PIXELS = 1 << 28
+
 
 @dataclass
 class StitchResult:
@@ -105,10 +108,20 @@ def stitch(patches, positions_px, mask, options: StitchOptions | None = None, *,
         raise ValueError(f"origin_px must be two finite numbers (row, col), got {origin_px!r}")
     if canvas_shape is None:
         canvas_shape = default_canvas_shape(positions_h, origin, h, w)
+        if canvas_shape[0] * canvas_shape[1] > MAX_CANVAS_PIXELS:
+            span = np.ptp(positions_h, axis=0)
+            raise ValueError(
+                f"the positions span {span[0]:.4g} × {span[1]:.4g} pixels: a canvas of {canvas_shape[0]} × "
+                f"{canvas_shape[1]} pixels exceeds {MAX_CANVAS_PIXELS:,}; positions_px must be in pixels of the phase "
+                "image (Å / sampling)"
+            )
     else:
         canvas_shape = tuple(int(s) for s in canvas_shape)
-        if len(canvas_shape) != 2 or min(canvas_shape) < 1:
-            raise ValueError(f"canvas_shape must be two positive integers, got {canvas_shape!r}")
+        if len(canvas_shape) != 2 or min(canvas_shape) < 1 or canvas_shape[0] * canvas_shape[1] > MAX_CANVAS_PIXELS:
+            raise ValueError(
+                f"canvas_shape must be two positive integers with at most {MAX_CANVAS_PIXELS:,} pixels, got "
+                f"{canvas_shape!r}"
+            )
 
     total, coverage, n_outside = accumulate(xp, values, np.argwhere(mask_h), positions, origin, canvas_shape,
                                             (h, w), offsets)
@@ -117,6 +130,11 @@ def stitch(patches, positions_px, mask, options: StitchOptions | None = None, *,
                       stacklevel=2)
     covered = coverage > 0
     image = xp.where(covered, total / xp.where(covered, coverage, 1.0), fill_value)
+    if not bool(xp.isfinite(image[covered]).all()):
+        raise ValueError(
+            f"the stitched image overflowed: the patches hold values up to {float(xp.abs(values).max()):.3g} inside "
+            "the mask, which are not phases (rad)"
+        )
     return StitchResult(image=image, coverage=coverage, offsets=offsets, origin_px=origin, solution=solution,
                         n_outside=n_outside)
 

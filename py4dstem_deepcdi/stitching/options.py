@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 
 METHODS = ("lsq", "relaxation")
@@ -54,15 +56,19 @@ class StitchOptions:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("min_overlap", "n_iter", "step", "tol", "max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not (0.0 < float(self.min_overlap) <= 1.0):
             raise ValueError(f"min_overlap must be in (0, 1] (a fraction of the mask area), got {self.min_overlap}")
-        if int(self.n_iter) != self.n_iter or int(self.n_iter) < 0:
+        if not (math.isfinite(self.n_iter) and int(self.n_iter) == self.n_iter and self.n_iter >= 0):
             raise ValueError(f"n_iter must be an integer >= 0, got {self.n_iter}")
         if not (0.0 < float(self.step) <= 1.0):
             raise ValueError(f"step must be in (0, 1] for a stable relaxation, got {self.step}")
         if not float(self.tol) > 0.0:
             raise ValueError(f"tol must be > 0, got {self.tol}")
-        if int(self.max_iter) != self.max_iter or int(self.max_iter) < 1:
+        if not (math.isfinite(self.max_iter) and int(self.max_iter) == self.max_iter and self.max_iter >= 1):
             raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter}")
 
 

@@ -135,6 +135,11 @@ def solve_masked(xp, values, positions, mask, options: StitchOptions) -> OffsetS
         offsets = relax(equations, options.n_iter, options.step)
         iterations, converged = int(options.n_iter), True
     offsets = _fix_gauge(xp, offsets, coarse)
+    if not bool(xp.isfinite(offsets).all()):
+        raise ValueError(
+            f"the patch offsets overflowed: the patches hold values up to {float(xp.abs(values).max()):.3g} inside the "
+            "mask, which are not phases (rad)"
+        )
     hc = equations.matvec(offsets)
     relative_residual = equations.residual_norm(offsets, hc) if options.method == "lsq" else float("nan")
     if not converged:
