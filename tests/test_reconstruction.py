@@ -189,6 +189,34 @@ def test_scan_too_small_to_anchor_warns_and_keeps_the_stitched_image(geometry, t
     np.testing.assert_array_equal(recon.object_phase, plain.object_phase)
 
 
+@pytest.fixture(scope="module")
+def lattice_scan():
+    """24×24 positions at 0.3 Å, 10⁵ e⁻ per pattern, at the shipped model's geometry."""
+    model = py4dstem_deepcdi.load_pretrained("hbn-300kv-17mrad")
+    return model, simulate_dataset(model.geometry, scan_shape=(24, 24), scan_step=0.3, electrons=1e5, seed=3)
+
+
+@pytest.mark.parametrize("factor, warned", [(1.0, None), (2.0, 0.5), (0.5, 2.0)])
+def test_wrong_scan_step_is_found_by_the_patches(lattice_scan, factor, warned):
+    """A scan step calibrated 2× too large (or small) makes the shipped model's patches disagree: the check names
+    the factor that fits; the right calibration stays quiet."""
+    model, ds = lattice_scan
+    recon = DeepCDIReconstruction(ds.datacube, 300e3, 17.1, model=model, C10=-100.0, scan_step=0.3 * factor,
+                                  rotation_deg=0, transpose=False, verbose=False).preprocess()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recon.reconstruct()
+    messages = [str(w.message) for w in caught if "agree best with a scan step" in str(w.message)]
+    errors = recon.stitch_info["scan_step_check"]
+    assert set(errors) == {"1", "0.5", "0.71", "1.41", "2"}
+    if warned is None:
+        assert not messages and min(errors, key=errors.get) == "1"
+    else:
+        assert len(messages) == 1 and f"{warned:g}× the calibrated" in messages[0]
+        assert errors[f"{warned:g}"] < 0.85 * errors["1"]
+    assert recon.check_scan_step(warn=False) == pytest.approx({float(k): v for k, v in errors.items()})
+
+
 def test_vacuum_probe_on_the_data_detector_is_checked_against_the_model(dataset, geometry):
     """A vacuum pattern on the data's own (finer) detector is resampled and compared with the model's aperture."""
 

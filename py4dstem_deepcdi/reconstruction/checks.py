@@ -13,6 +13,8 @@ from ..io import save_figure
 from ..preprocessing import aperture_radius_mrad, bright_field_radius, resample_vacuum
 from ..probe import vacuum_pattern
 from ..rotation import plot_rotation_fit
+from ..stitching import stitch
+from .results import patch_disagreement
 
 #: relative distance of the data's bright-field disk radius outside the radii the model was trained with above which
 #: preprocess() warns (outside those and the nominal aperture's by preprocessing.CALIBRATION_TOLERANCE it refuses,
@@ -22,6 +24,13 @@ BRIGHT_FIELD_TOLERANCE = 0.05
 DOSE_SPREAD = 2.0
 #: L1 distance of the normalised vacuum patterns (given vs the model's) above which preprocess() warns
 VACUUM_TOLERANCE = 0.1
+#: scan-step scale factors tried by the real-space calibration check, and the relative drop of the patch
+#: disagreement below the calibrated step's at which it warns (docs/reliability.md: a 2× error raises it by 34% at
+#: 10⁵ e⁻; at 10³ e⁻ the disagreement is flat within 6%, so the check stays silent there)
+STEP_SCALES = (0.5, 0.71, 1.41, 2.0)
+STEP_TOLERANCE = 0.1
+#: probe positions (nearest the scan's centre) the step check re-stitches
+STEP_CHECK_POSITIONS = 576
 
 
 class TrustChecks:
@@ -86,6 +95,45 @@ class TrustChecks:
             "with; use a pooled model trained for this step (deepcdi train --pool 3 --pool-step-range) or a model "
             "that sees one pattern"
         ]
+
+    def check_scan_step(self, scales=STEP_SCALES, n_positions: int = STEP_CHECK_POSITIONS,
+                        warn: bool = True) -> dict[float, float]:
+        """Check the real-space (scan step) calibration against the network's patches.
+
+        Re-stitches the patches of the ``n_positions`` positions nearest the scan's centre with the scan step scaled
+        by each of ``scales`` (and 1) and measures their disagreement (:attr:`error`'s RMS, rad). Patches placed at
+        the wrong distances disagree more, so a scale whose disagreement lies more than ``STEP_TOLERANCE`` below the
+        calibrated step's means the scan step is off: a warning names the factor (``warn=True``). Where the patches
+        are too noisy to tell (low dose) the disagreement is flat and nothing is said.
+
+        Returns ``{scale: disagreement (rad)}``, also kept in ``stitch_info["scan_step_check"]``.
+
+        Raises
+        ------
+        RuntimeError
+            Before :meth:`reconstruct`.
+        """
+        self._require("reconstruct")
+        positions_px = self.data.positions / np.array(self.sampling)
+        distance = np.linalg.norm(positions_px - positions_px.mean(0), axis=1)
+        chosen = np.sort(np.argsort(distance, kind="stable")[:n_positions])
+        patches, positions = np.asarray(self.patches)[chosen], positions_px[chosen]
+        mask = self._stitch_mask(self.stitch_info.get("stitch_fraction"))
+        errors = {}
+        for scale in (1.0, *scales):
+            scaled = positions * scale
+            result = stitch(patches, scaled, mask, device=self.device)
+            errors[float(scale)] = patch_disagreement(patches, result.offsets, scaled, mask, result, self.device)[1]
+        self.stitch_info["scan_step_check"] = {f"{k:g}": v for k, v in errors.items()}
+        best = min(errors, key=errors.get)
+        if warn and errors[best] < (1 - STEP_TOLERANCE) * errors[1.0]:
+            warnings.warn(
+                f"the patches agree best with a scan step {best:g}× the calibrated {self.data.scan_step} Å (patch "
+                f"disagreement {errors[best]:.3g} vs {errors[1.0]:.3g} rad): check the real-space calibration "
+                "(scan_step, or the DataCube's R pixel size and units)",
+                RuntimeWarning, stacklevel=3,
+            )
+        return errors
 
     def _check_vacuum_probe(self) -> None:
         """Warn when a given vacuum probe differs from the model's aperture (or the model has none)."""

@@ -320,6 +320,7 @@ class DeepCDIReconstruction(TrustChecks, Results, Storage, Custom):
         stitch_fraction: float | None = None,
         anchor_ramp: bool = True,
         runtime: str = "torch",
+        check_scan_step: bool = True,
         *,
         max_batch_size: int | None = None,
         progress_bar: bool | None = None,
@@ -361,6 +362,9 @@ class DeepCDIReconstruction(TrustChecks, Results, Storage, Custom):
             view with a real net phase gradient (a wedge, an edge, a smooth thick object).
         runtime
             ``"torch"`` (default), ``"onnxruntime"`` or ``"openvino"`` (CPU; see ``inference.predict``).
+        check_scan_step
+            Check the real-space calibration: warn when the patches agree clearly better at another scan step
+            (:meth:`check_scan_step`; a fraction of a second for the ≤ 576 central positions it re-stitches).
 
         Sets ``patches``, ``object_phase`` (NaN where no patch reaches, :data:`~.results.NAN_POLICY`), ``coverage``,
         ``offsets``, ``error_map`` and ``error`` (the patches' disagreement, rad), ``stitch_info`` and ``timings``.
@@ -409,6 +413,10 @@ class DeepCDIReconstruction(TrustChecks, Results, Storage, Custom):
         self.timings["error_s"] = time.perf_counter() - start
         ramp_removed = self._anchor_ramp(positions_px) if anchor_ramp else None
         self._record_stitching(options, symmetrize, stitch_fraction, anchor_ramp, ramp_removed, result.solution)
+        if check_scan_step:
+            start = time.perf_counter()
+            self.check_scan_step()
+            self.timings["scan_step_check_s"] = time.perf_counter() - start
         if self.verbose:
             print(
                 f"reconstructed {len(self.patches)} patterns: inference {self.timings['inference_s']:.2f} s "
